@@ -1,0 +1,147 @@
+"""Optimizers and learning-rate schedules, chosen by name from registries.
+
+``optimizer.name`` picks from :data:`embedtune.config.OPTIMIZERS` (``adamw``, ``sgd``) and
+``lr_scheduler.name`` from :data:`embedtune.config.SCHEDULERS` (``constant``, ``linear``, ``cosine``).
+Every schedule warms up linearly from 0 over ``warmup_steps`` and then decays towards
+``min_lr_ratio * lr`` at ``total_steps``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from embedtune.config import OPTIMIZERS, SCHEDULERS
+from embedtune.errors import ConfigError
+
+__all__ = ["LRSchedulerConfig", "OptimizerConfig", "build_optimizer", "build_scheduler", "lr_factor"]
+
+
+@dataclass
+class OptimizerConfig:
+    """The recipe's ``optimizer:`` block."""
+
+    name: str = "adamw"
+    """Optimizer by registered name: ``adamw`` or ``sgd``."""
+    lr: float = 2e-5
+    """Peak learning rate (reached at the end of warmup)."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (AdamW); not applied to biases and norm weights."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam moment decay rates."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    momentum: float = 0.0
+    """SGD momentum (ignored by AdamW)."""
+
+    def __post_init__(self) -> None:
+        OPTIMIZERS.check(self.name, "name")
+        if not self.lr > 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas: each must be in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
+class LRSchedulerConfig:
+    """The recipe's ``lr_scheduler:`` block."""
+
+    name: str = "linear"
+    """Decay after warmup: ``constant``, ``linear`` (to ``min_lr_ratio``) or ``cosine``."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to ``optimizer.lr``."""
+    warmup_ratio: float | None = None
+    """Warmup as a fraction of the total steps (overrides ``warmup_steps`` when set)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+
+    def __post_init__(self) -> None:
+        SCHEDULERS.check(self.name, "name")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+
+
+def _param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    # No decay on biases and 1-D weights (norms): decaying them towards 0 only hurts.
+    decay, no_decay = [], []
+    for name, p in params:
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(params: Iterable[tuple[str, nn.Parameter]], cfg: OptimizerConfig) -> Optimizer:
+    # foreach=True: one fused kernel per group instead of a Python loop over parameters.
+    return torch.optim.AdamW(
+        _param_groups(params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True
+    )
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(params: Iterable[tuple[str, nn.Parameter]], cfg: OptimizerConfig) -> Optimizer:
+    return torch.optim.SGD(_param_groups(params, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> Optimizer:
+    """Build the optimizer over ``model``'s trainable parameters.
+
+    Raises:
+        ConfigError: the model has no trainable parameters.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ConfigError("the model has no trainable parameters (check peft.target_modules)")
+    return OPTIMIZERS.get(cfg.name, "optimizer.name")(named, cfg)
+
+
+def _constant(progress: float) -> float:
+    return 1.0
+
+
+def _linear(progress: float) -> float:
+    return 1.0 - progress
+
+
+def _cosine(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+SCHEDULERS.register("constant")(_constant)
+SCHEDULERS.register("linear")(_linear)
+SCHEDULERS.register("cosine")(_cosine)
+
+
+def lr_factor(step: int, total_steps: int, cfg: LRSchedulerConfig) -> float:
+    """Multiplier of the peak LR for the optimizer step ``step`` (0-based) of ``total_steps``."""
+    warmup = cfg.warmup_steps
+    if cfg.warmup_ratio is not None:
+        warmup = int(cfg.warmup_ratio * total_steps)
+    warmup = min(warmup, max(total_steps - 1, 0))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    decay_steps = max(total_steps - warmup, 1)
+    progress = min((step - warmup) / decay_steps, 1.0)
+    shape: Callable[[float], float] = SCHEDULERS.get(cfg.name, "lr_scheduler.name")
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape(progress)
+
+
+def build_scheduler(optimizer: Optimizer, cfg: LRSchedulerConfig, total_steps: int) -> LambdaLR:
+    """A ``LambdaLR`` following :func:`lr_factor`; its ``state_dict`` is JSON-serialisable."""
+    return LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
