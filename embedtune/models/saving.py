@@ -1,0 +1,198 @@
+"""Writing a ``BiEncoder`` in a layout that every consumer loads as is.
+
+One folder serves three readers:
+
+* plain ``transformers``: ``config.json`` + ``model.safetensors``. A converted decoder is written with its
+  stock model_type (``llama``, ``ministral3``, ...) and ``is_causal: false``, which transformers 5 honours,
+  so ``AutoModel.from_pretrained`` gives the same bidirectional encoder with no remote code;
+* ``sentence-transformers``: ``modules.json``, ``sentence_bert_config.json``, ``1_Pooling/config.json``
+  (``include_prompt`` mirrors ``pool_instruction``), ``2_Normalize`` and the query/document prompts;
+* embedtune: ``embedtune.json`` with every setting and where the weights came from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from embedtune.models.pooling import TO_SENTENCE_TRANSFORMERS
+from embedtune.models.settings import EncoderSettings
+
+if TYPE_CHECKING:
+    from embedtune.models.biencoder import BiEncoder
+
+# Our bidirectional model types -> the stock type and class that plain transformers knows.
+STOCK_TYPES: dict[str, tuple[str, str]] = {
+    "llama_bidirec": ("llama", "LlamaModel"),
+    "ministral3_bidirec": ("ministral3", "Ministral3Model"),
+}
+_OUR_CONFIG_KEYS = ("pooling", "temperature")
+
+
+def merged_lora_state_dict(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's weights with every LoRA delta added, without touching the live model.
+
+    ``merge_and_unload`` would modify the model being trained (and unmerging is not bit-exact), so we
+    add ``get_delta_weight`` to a copy of each wrapped weight instead.
+    """
+    base = peft_model.get_base_model()
+    merged: dict[str, torch.Tensor] = {}
+    lora_layers = {}
+    for name, module in base.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            lora_layers[name] = module
+    for key, value in base.state_dict().items():
+        if ".lora_" in key or ".original_module." in key:
+            continue
+        clean = key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        merged[clean] = value.detach().clone()
+    for name, module in lora_layers.items():
+        key = f"{name}.weight"
+        weight = merged[key].float()
+        for adapter in module.active_adapters:
+            if adapter in getattr(module, "lora_A", {}):
+                weight = weight + module.get_delta_weight(adapter).detach().float()
+        merged[key] = weight.to(merged[key].dtype)
+    return merged
+
+
+def stock_config_dict(config: Any) -> dict[str, Any]:
+    """``config`` as a dict that stock transformers loads: our model types mapped to the stock ones."""
+    data = config.to_dict()
+    model_type = data.get("model_type")
+    if model_type in STOCK_TYPES:
+        data["model_type"], arch = STOCK_TYPES[model_type]
+        data["architectures"] = [arch]
+        for key in _OUR_CONFIG_KEYS:
+            data.pop(key, None)
+    data.pop("quantization_config", None)
+    if getattr(config, "is_causal", True) is False:
+        data["is_causal"] = False
+    return data
+
+
+def sentence_transformers_files(settings: EncoderSettings, dim: int) -> dict[str, Any]:
+    """The sentence-transformers configuration files, as {relative path: JSON content}."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if settings.normalize:
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+        )
+    mode = TO_SENTENCE_TRANSFORMERS[settings.pooling]
+    # The legacy boolean keys are read by every sentence-transformers version (v2 to v6).
+    pooling = {
+        "word_embedding_dimension": dim,
+        "pooling_mode_cls_token": mode == "cls",
+        "pooling_mode_mean_tokens": mode == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": mode == "weightedmean",
+        "pooling_mode_lasttoken": mode == "lasttoken",
+        "include_prompt": settings.pool_instruction,
+    }
+    files: dict[str, Any] = {
+        "modules.json": modules,
+        "sentence_bert_config.json": {"max_seq_length": settings.max_length, "do_lower_case": False},
+        "1_Pooling/config.json": pooling,
+        "config_sentence_transformers.json": {
+            "model_type": "SentenceTransformer",
+            "prompts": {"query": settings.query_prefix, "document": settings.passage_prefix},
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine" if settings.normalize else "dot",
+        },
+    }
+    if settings.normalize:
+        files["2_Normalize/config.json"] = {}
+    return files
+
+
+def _write_json(path: Path, content: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def save_biencoder(model: BiEncoder, path: Path, *, merge_lora: bool = True) -> Path:
+    """Write ``model`` to ``path`` (see the module docstring for the layout)."""
+    path.mkdir(parents=True, exist_ok=True)
+    backbone = model.backbone
+    is_peft = hasattr(backbone, "peft_config")
+    settings = model.settings
+    if is_peft and not merge_lora:
+        backbone.save_pretrained(str(path))  # adapter_config.json + adapter_model.safetensors
+        model.tokenizer.save_pretrained(str(path))
+        settings.save(path)
+        write_model_card(path, model, adapter=True)
+        return path
+
+    base = model.base_model
+    state_dict = merged_lora_state_dict(backbone) if is_peft else None
+    base.save_pretrained(str(path), state_dict=state_dict)
+    # Overwrite config.json with the stock model type so plain transformers needs no remote code.
+    _write_json(path / "config.json", stock_config_dict(base.config))
+    model.tokenizer.save_pretrained(str(path))
+    for rel, content in sentence_transformers_files(settings, model.dim).items():
+        _write_json(path / rel, content)
+    if is_peft:
+        settings = EncoderSettings(
+            **{**settings.__dict__, "source": {**settings.source, "lora_merged": True}}
+        )
+    settings.save(path)
+    write_model_card(path, model, adapter=False)
+    return path
+
+
+def write_model_card(path: Path, model: BiEncoder, *, adapter: bool) -> None:
+    """A README.md with the facts a user needs to use the model correctly."""
+    s = model.settings
+    source = s.source.get("name_or_path", "unknown")
+    conversion = (
+        f"converted from a causal decoder (`{s.source.get('model_type', '?')}`) to bidirectional attention "
+        "(`config.is_causal = false`, verified at load)"
+        if s.bidirectional
+        else "the backbone's own attention"
+    )
+    qp, pp = json.dumps(s.query_prefix), json.dumps(s.passage_prefix)
+    card = f"""---
+library_name: sentence-transformers
+pipeline_tag: sentence-similarity
+tags: [embedtune, sentence-transformers, feature-extraction, text-embeddings]
+base_model: {source}
+---
+# Text-embedding model (embedtune)
+
+| setting | value |
+|---|---|
+| base model | `{source}` |
+| attention | {conversion} |
+| pooling | `{s.pooling}`{"" if s.pool_instruction else " (prefix/instruction tokens excluded)"} |
+| L2-normalised | {s.normalize} |
+| embedding size | {model.dim} |
+| query prefix | `{qp}` |
+| passage prefix | `{pp}` |
+| max tokens | {s.max_length} |
+| padding side | {s.padding_side} |
+| stored as | {"a PEFT LoRA adapter (load with embedtune)" if adapter else "full safetensors weights"} |
+
+## Use it
+```python
+from embedtune import AutoBiEncoder
+model = AutoBiEncoder.from_pretrained("{path.name}")
+q = model.encode_queries(["how do vaccines work?"])
+d = model.encode_documents(["Vaccines train the immune system ..."])
+print(q @ d.T)
+```
+With sentence-transformers (prompts are stored with the model):
+```python
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer("{path.name}")
+q = model.encode(["how do vaccines work?"], prompt_name="query")
+d = model.encode(["Vaccines train the immune system ..."], prompt_name="document")
+```
+"""
+    (path / "README.md").write_text(card, encoding="utf-8")
