@@ -1,0 +1,188 @@
+"""evaluate_retrieval: the top-k run and its metrics equal trec_eval on the full score list; caching."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from embedtune.errors import DataError
+from embedtune.eval.datasets import eval_set_from_dicts, load_eval_set
+from embedtune.eval.metrics import trec_order
+from embedtune.eval.retrieval import evaluate_retrieval, run_evaluation, write_trec_run
+
+pytrec_eval = pytest.importorskip("pytrec_eval")
+
+K = (1, 5, 10)
+
+
+def full_run(encoder, eval_set):
+    """Every query against every document: the run a brute-force evaluator would score."""
+    ids = list(eval_set.corpus.ids)
+    d = encoder._embed(eval_set.corpus.texts(range(len(ids))))
+    qids = list(eval_set.queries)
+    q = encoder._embed([eval_set.queries[x] for x in qids])
+    scores = (torch.from_numpy(q) @ torch.from_numpy(d).T).tolist()
+    return {qid: dict(zip(ids, row)) for qid, row in zip(qids, scores)}
+
+
+def trec_reference(qrels, run, k_values):
+    cuts = ",".join(map(str, k_values))
+    measures = {f"ndcg_cut.{cuts}", f"recall.{cuts}", f"map_cut.{cuts}", f"P.{cuts}"}
+    per_q = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+    out = {}
+    for k in k_values:
+        out[f"ndcg@{k}"] = np.mean([m[f"ndcg_cut_{k}"] for m in per_q.values()])
+        out[f"recall@{k}"] = np.mean([m[f"recall_{k}"] for m in per_q.values()])
+        out[f"map@{k}"] = np.mean([m[f"map_cut_{k}"] for m in per_q.values()])
+        out[f"precision@{k}"] = np.mean([m[f"P_{k}"] for m in per_q.values()])
+        cut = {q: {d: run[q][d] for d in trec_order(run[q])[:k]} for q in run}
+        rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
+        out[f"mrr@{k}"] = np.mean([m["recip_rank"] for m in rr.values()])
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_equal_pytrec_eval_on_the_full_score_list(fake_encoder, tmp_path, seed, make_eval_dicts):
+    corpus, queries, qrels = make_eval_dicts(seed=seed)
+    es = eval_set_from_dicts(corpus, queries, qrels, cache_dir=tmp_path)
+    result = run_evaluation(fake_encoder, es, K)
+    full = full_run(fake_encoder, es)
+    ref = trec_reference(qrels, full, K)
+    assert result.metrics.keys() == ref.keys()
+    for name, value in ref.items():
+        assert result.metrics[name] == pytest.approx(value, abs=1e-9), name
+    # The retrieved top-k is exactly the first k of trec_eval's ordering of the full list (ties included).
+    for qid, docs in result.run.items():
+        assert list(trec_order(docs)) == trec_order(full[qid])[: max(K)]
+
+
+def test_evaluate_retrieval_returns_the_metrics(fake_encoder, tmp_path, make_eval_dicts):
+    corpus, queries, qrels = make_eval_dicts()
+    es = eval_set_from_dicts(corpus, queries, qrels, cache_dir=tmp_path)
+    assert evaluate_retrieval(fake_encoder, es, K) == run_evaluation(fake_encoder, es, K).metrics
+
+
+def test_second_evaluation_reuses_cached_corpus_embeddings(fake_encoder, tmp_path, make_eval_dicts):
+    corpus, queries, qrels = make_eval_dicts()
+    es = eval_set_from_dicts(corpus, queries, qrels, cache_dir=tmp_path / "c")
+    first = run_evaluation(fake_encoder, es, K, cache_dir=tmp_path / "emb")
+    assert not first.corpus_from_cache and fake_encoder.documents_encoded == len(corpus)
+    second = run_evaluation(fake_encoder, es, K, cache_dir=tmp_path / "emb")
+    assert second.corpus_from_cache
+    assert fake_encoder.documents_encoded == len(corpus)  # no corpus encoding the second time
+    assert second.metrics == first.metrics
+
+    # Changed weights, encoding options or corpus: a miss, re-encoded.
+    with torch.no_grad():
+        fake_encoder.weight[0] = 2.0
+    assert not run_evaluation(fake_encoder, es, K, cache_dir=tmp_path / "emb").corpus_from_cache
+    assert not run_evaluation(fake_encoder, es, K, cache_dir=tmp_path / "emb", bf16=True).corpus_from_cache
+    fake_encoder.settings.passage_prefix = "passage: "
+    assert not run_evaluation(fake_encoder, es, K, cache_dir=tmp_path / "emb").corpus_from_cache
+    corpus2 = dict(corpus, d0=corpus["d0"] + " extra")
+    es2 = eval_set_from_dicts(corpus2, queries, qrels, cache_dir=tmp_path / "c")
+    before = fake_encoder.documents_encoded
+    assert not run_evaluation(fake_encoder, es2, K, cache_dir=tmp_path / "emb").corpus_from_cache
+    assert fake_encoder.documents_encoded == before + len(corpus2)
+
+
+def test_ignore_identical_ids_never_returns_the_query_itself(fake_encoder, tmp_path, make_eval_dicts):
+    corpus, _, _ = make_eval_dicts()
+    # Queries are documents of the corpus under the same ID (as in ArguAna and Quora).
+    queries = {d: corpus[d] for d in list(corpus)[:8]}
+    qrels = {d: {list(corpus)[(i + 1) % len(corpus)]: 1} for i, d in enumerate(queries)}
+    es = eval_set_from_dicts(corpus, queries, qrels, ignore_identical_ids=True, cache_dir=tmp_path)
+    result = run_evaluation(fake_encoder, es, K)
+    for qid, docs in result.run.items():
+        assert qid not in docs and len(docs) == max(K)
+    es_keep = eval_set_from_dicts(corpus, queries, qrels, cache_dir=tmp_path)
+    kept = run_evaluation(fake_encoder, es_keep, K)
+    assert all(qid in docs for qid, docs in kept.run.items())  # each query is its own best match
+
+
+def test_trec_run_file_round_trips_through_pytrec_eval(fake_encoder, tmp_path, make_eval_dicts):
+    corpus, queries, qrels = make_eval_dicts()
+    es = eval_set_from_dicts(corpus, queries, qrels, cache_dir=tmp_path)
+    result = run_evaluation(fake_encoder, es, K)
+    path = write_trec_run(result.run, tmp_path / "run.trec")
+    with open(path) as f:
+        parsed = pytrec_eval.parse_run(f)
+    assert parsed == result.run
+    first = path.read_text().splitlines()[0].split()
+    assert first[1] == "Q0" and first[3] == "1" and first[5] == "embedtune"
+
+
+def test_beir_folder_loads_and_scores_like_the_dicts(fake_encoder, beir_folder, tmp_path):
+    root, corpus, queries, qrels = beir_folder
+    es = load_eval_set(root, "test", cache_dir=tmp_path / "c")
+    assert es.name == "tinybeir" and es.split == "test" and not es.ignore_identical_ids
+    assert es.qrels == qrels and es.queries == queries and es.warnings == []
+    ref = eval_set_from_dicts(corpus, queries, qrels, cache_dir=tmp_path / "c2")
+    assert run_evaluation(fake_encoder, es, K).metrics == run_evaluation(fake_encoder, ref, K).metrics
+
+
+def test_unknown_ids_in_qrels_warn_with_counts_or_fail_when_strict(beir_folder, tmp_path):
+    root, *_ = beir_folder
+    with open(root / "qrels" / "test.tsv", "a", newline="") as f:
+        f.write("nosuchquery\td1\t1\r\nq0\tnosuchdoc\t1\r\nq1\tnosuchdoc2\t1\r\n")
+    es = load_eval_set(root, "test", cache_dir=tmp_path / "c")
+    text = "\n".join(es.warnings)
+    assert "skipped 1 line(s) with query-id" in text and "skipped 2 line(s) with corpus-id" in text
+    assert "nosuchquery" not in es.qrels
+    with pytest.raises(DataError, match="nosuchdoc"):
+        load_eval_set(root, "test", strict=True, cache_dir=tmp_path / "c")
+
+
+def test_bad_paths_and_empty_corpus_raise_clear_errors(tmp_path, beir_folder):
+    with pytest.raises(DataError, match="no such file or folder"):
+        load_eval_set(tmp_path / "missing")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(DataError, match="not a BEIR folder"):
+        load_eval_set(tmp_path / "empty_dir")
+    root, *_ = beir_folder
+    with pytest.raises(DataError, match=r"available splits: \['test'\]"):
+        load_eval_set(root, "dev", cache_dir=tmp_path / "c")
+    with pytest.raises(DataError, match="corpus is empty"):
+        eval_set_from_dicts({}, {"q": "x"}, {"q": {"d": 1}}, cache_dir=tmp_path)
+    with pytest.raises(DataError, match="no judged query"):
+        eval_set_from_dicts({"d": "x"}, {"q": "x"}, {"other": {"d": 1}}, cache_dir=tmp_path)
+
+
+def test_inline_jsonl_searches_all_documents_of_the_file(fake_encoder, tmp_path):
+    rows = [
+        {"query": "gene virus", "pos_doc": "virus gene cell", "neg_doc": ["heart drug"]},
+        {"query": "sleep diet", "pos_doc": ["diet and sleep"], "neg_doc": ["blood dose", "virus gene cell"]},
+        {"query": "mouse brain", "pos_doc": "brain of a mouse"},
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    es = load_eval_set(path, cache_dir=tmp_path / "c")
+    texts = set(es.corpus.texts(range(len(es.corpus))))
+    assert texts == {"virus gene cell", "heart drug", "diet and sleep", "blood dose", "brain of a mouse"}
+    assert len(es.queries) == 3
+    rel_texts = {
+        es.queries[q]: [es.corpus.texts(es.corpus.indices_of(list(j)))[0]] for q, j in es.qrels.items()
+    }
+    assert rel_texts == {
+        "gene virus": ["virus gene cell"],
+        "sleep diet": ["diet and sleep"],
+        "mouse brain": ["brain of a mouse"],
+    }
+    metrics = evaluate_retrieval(fake_encoder, es, (1,))
+    assert metrics["recall@1"] == pytest.approx(1.0)  # the word-overlap encoder finds each positive
+
+
+def test_subset_keeps_relevant_documents_and_is_deterministic(tmp_path, make_eval_dicts):
+    corpus, queries, qrels = make_eval_dicts(num_docs=200, num_queries=30)
+    es = eval_set_from_dicts(corpus, queries, qrels, cache_dir=tmp_path)
+    sub = es.subset(max_queries=10, max_corpus=50, seed=3)
+    assert len(sub.queries) == 10 and len(sub.corpus) == 50
+    kept_ids = set(sub.corpus.ids)
+    assert all(d in kept_ids for q in sub.qrels for d, r in sub.qrels[q].items() if r >= 1)
+    again = es.subset(max_queries=10, max_corpus=50, seed=3)
+    assert list(again.corpus.ids) == list(sub.corpus.ids) and again.queries == sub.queries
+    assert sub.corpus.fingerprint != es.corpus.fingerprint
+    assert es.subset() is es
