@@ -61,7 +61,23 @@ def fake_encoder() -> FakeEncoder:
     return FakeEncoder()
 
 
-WORDS = ["cell", "protein", "gene", "virus", "cancer", "brain", "heart", "drug", "trial", "mouse", "blood", "sleep", "diet", "risk", "dose"]
+WORDS = [
+    "cell",
+    "protein",
+    "gene",
+    "virus",
+    "cancer",
+    "brain",
+    "heart",
+    "drug",
+    "trial",
+    "mouse",
+    "blood",
+    "sleep",
+    "diet",
+    "risk",
+    "dose",
+]
 
 
 def make_dicts(num_docs: int = 60, num_queries: int = 12, seed: int = 0):
