@@ -1,0 +1,36 @@
+"""``embedtune cp NAME OUT.yaml``: copy a shipped recipe to edit it."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from embedtune.errors import ConfigError
+
+HELP = "copy a shipped recipe to a file you can edit"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments: recipe name, destination, ``--force``."""
+    parser.add_argument("name", help="a shipped recipe (see `embedtune ls`)")
+    parser.add_argument("dest", help="where to write it (a file, or a folder to put NAME.yaml in)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Copy the recipe; refuse to overwrite without ``--force``."""
+    from embedtune.recipes import list_recipes, recipe_path
+
+    src = recipe_path(args.name)
+    if src is None:
+        raise ConfigError(f"{args.name}: no such shipped recipe; choose one of: {', '.join(list_recipes())}")
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / src.name
+    if dest.exists() and not args.force:
+        raise ConfigError(f"{dest}: already exists; pass --force to overwrite it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    print(f"copied {args.name} to {dest}")
+    return 0

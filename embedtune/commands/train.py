@@ -1,0 +1,36 @@
+"""``embedtune train RECIPE [key=value ...]``: fine-tune a bi-encoder from a recipe."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "fine-tune an embedding model from a YAML recipe (contrastive, LoRA, GradCache, resumable)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments: the recipe and ``key.path=value`` overrides."""
+    parser.add_argument(
+        "recipe", help="a recipe YAML file, or the name of a shipped recipe (see `embedtune ls`)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override recipe values, e.g. optimizer.lr=1e-5 step_scheduler.max_steps=10 checkpoint.resume=latest",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate the recipe, train, and return 0 (done), 143/130 (stopped by SIGTERM/SIGINT, resumable)."""
+    from embedtune.training.config import load_train_config
+
+    cfg = load_train_config(args.recipe, args.overrides)  # fails fast, before any model is loaded
+
+    from embedtune.training.recipe import train
+
+    result = train(cfg)
+    if result.exit_code == 0:
+        print(f"done: {result.state.step} steps ({result.stop_reason}); model saved to {result.model_dir}")
+        if result.adapter_dir is not None and result.adapter_dir != result.model_dir:
+            print(f"LoRA adapter saved to {result.adapter_dir}")
+    return result.exit_code

@@ -1,0 +1,31 @@
+"""``embedtune validate RECIPE [key=value ...]``: check a recipe completely without loading weights."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "check a training recipe (keys, types, values, files, model architecture) without loading weights"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments: the recipe and overrides, as for ``train``."""
+    parser.add_argument("recipe", help="a recipe YAML file, or the name of a shipped recipe")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="overrides, as for `embedtune train`"
+    )
+    parser.add_argument(
+        "--no-files", action="store_true", help="skip the checks of data files and model folders"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print ``OK`` and a summary, or raise ``ConfigError`` naming the problem."""
+    from embedtune.training.config import load_train_config
+    from embedtune.training.validate import check_recipe
+
+    cfg = load_train_config(args.recipe, args.overrides)
+    notes = check_recipe(cfg, check_files=not args.no_files)
+    for note in notes:
+        print(f"  {note}")
+    print(f"OK: {args.recipe} is a valid recipe")
+    return 0

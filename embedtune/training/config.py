@@ -1,0 +1,263 @@
+"""``TrainConfig``: the typed form of a training recipe (``embedtune train recipe.yaml``).
+
+A recipe is YAML whose top-level blocks are the fields below; see ``embedtune/recipes/*.yaml`` for
+complete examples and ``docs/training.md`` for a walk-through. Load one with
+:func:`load_train_config`, which checks every key, type and value before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from embedtune.config import POOLING, load_config
+from embedtune.data.config import DataConfig
+from embedtune.errors import ConfigError
+from embedtune.eval.config import ValidationConfig
+from embedtune.training.loss import LossConfig
+from embedtune.training.optim import LRSchedulerConfig, OptimizerConfig
+
+__all__ = [
+    "CheckpointConfig",
+    "GradCacheConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "PeftConfig",
+    "StepSchedulerConfig",
+    "TrainConfig",
+    "load_train_config",
+]
+
+
+@dataclass
+class ModelConfig:
+    """The recipe's ``model:`` block: which backbone, and how it becomes an encoder."""
+
+    name_or_path: str = ""
+    """A folder, a hub name (offline: must be cached), or a short name such as ``smollm2-135m``,
+    ``minilm`` or ``tiny-llama``. Required."""
+    pooling: str | None = None
+    """``mean`` (``avg``), ``cls``, ``last`` or ``weighted_mean``; null keeps the model's saved/default."""
+    normalize: bool | None = None
+    """L2-normalise embeddings (cosine similarity); null keeps the model's setting (default true)."""
+    query_prefix: str | None = None
+    """Text put before each query (e.g. ``"query: "``); per-dataset instructions come from the data."""
+    passage_prefix: str | None = None
+    """Text put before each passage (e.g. ``"passage: "``)."""
+    pool_instruction: bool | None = None
+    """Pool the prefix/instruction tokens too; false attends to them but leaves them out of pooling."""
+    max_length: int | None = None
+    """Default tokens per text saved with the model (training lengths are set in ``data``)."""
+    padding_side: Literal["left", "right"] | None = None
+    """Padding side; null keeps the model's default."""
+    bidirectional: bool | None = None
+    """Convert a causal decoder to bidirectional attention (null: yes for decoders); verified at load."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weight dtype. ``bfloat16`` halves memory; LoRA adapters stay float32 either way."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    """Attention kernel; ``eager`` is faster than ``sdpa`` for training on CPUs, ``sdpa`` on GPUs."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            raise ConfigError("name_or_path: required — a model folder, hub name or short name (e.g. minilm)")
+        if self.pooling is not None:
+            POOLING.check(self.pooling, "pooling")
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(f"max_length: must be >= 1, got {self.max_length}")
+
+
+@dataclass
+class PeftConfig:
+    """The recipe's ``peft:`` block: train LoRA adapters instead of all weights (null: full fine-tuning)."""
+
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | None = None
+    """Module names to adapt (e.g. ``[q_proj, k_proj, v_proj, o_proj]``); or set ``match_all_linear``."""
+    match_all_linear: bool = False
+    """Adapt every linear layer of the backbone (PEFT's ``all-linear``)."""
+    merge_on_save: bool = True
+    """Also write a merged model (``<output_dir>/model``) next to the adapter (``<output_dir>/adapter``)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"r: must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if bool(self.target_modules) == self.match_all_linear:
+            raise ConfigError(
+                "target_modules: set either target_modules (e.g. [q_proj, v_proj]) or match_all_linear: true"
+            )
+
+
+@dataclass
+class StepSchedulerConfig:
+    """The recipe's ``step_scheduler:`` block: batch sizes and how long to train."""
+
+    global_batch_size: int = 32
+    """Queries per optimizer step (each with its positive and hard negatives)."""
+    local_batch_size: int | None = None
+    """Queries per forward/backward pass; ``global_batch_size / local_batch_size`` micro-batches are
+    accumulated. In-batch negatives come from the micro-batch (use ``gradcache`` to get them from the
+    whole global batch). Null: equal to ``global_batch_size``."""
+    num_epochs: int = 1
+    """Passes over the training data (a partial last batch of an epoch is dropped)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides ``num_epochs`` for the LR schedule too)."""
+    max_time_minutes: float | None = None
+    """Stop once training has run this long (checked after each step; a checkpoint and the final model
+    are still saved). The LR schedule still follows ``max_steps``/``num_epochs``."""
+    ckpt_every_steps: int | None = None
+    """Save a resumable checkpoint every this many steps (and at the end); null: only at the end."""
+    log_every_steps: int = 1
+    """Write a metrics line every this many steps."""
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size < 1:
+            raise ConfigError(f"global_batch_size: must be >= 1, got {self.global_batch_size}")
+        lb = self.local_batch_size
+        if lb is not None and (lb < 1 or self.global_batch_size % lb):
+            raise ConfigError(
+                f"local_batch_size: must divide global_batch_size ({self.global_batch_size}), got {lb}"
+            )
+        for name in ("num_epochs", "max_steps", "ckpt_every_steps", "log_every_steps"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {v}")
+        if self.max_time_minutes is not None and self.max_time_minutes <= 0:
+            raise ConfigError(f"max_time_minutes: must be > 0, got {self.max_time_minutes}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Queries per forward/backward pass."""
+        return self.local_batch_size or self.global_batch_size
+
+
+@dataclass
+class GradCacheConfig:
+    """The recipe's ``gradcache:`` block: big contrastive batches in bounded memory."""
+
+    enabled: bool = False
+    """Compute the loss over the whole global batch (all of it as in-batch negatives), encoding
+    ``chunk_size`` texts at a time; gradients equal the unchunked loss's."""
+    chunk_size: int = 32
+    """Texts (queries or passages) per forward pass under GradCache."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ConfigError(f"chunk_size: must be >= 1, got {self.chunk_size}")
+
+
+@dataclass
+class CheckpointConfig:
+    """The recipe's ``checkpoint:`` block."""
+
+    dir: str | None = None
+    """Checkpoint folder; null: ``<output_dir>/checkpoints``."""
+    keep_last: int = 2
+    """Keep this many newest checkpoints (plus the best one by validation)."""
+    resume: str | None = None
+    """``latest``, ``best`` or a checkpoint folder to continue from; null starts fresh. ``auto`` resumes
+    from ``latest`` when one exists."""
+    load_best_at_end: bool = True
+    """With validation on, save the best checkpoint's weights as the final model."""
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 1:
+            raise ConfigError(f"keep_last: must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class LoggingConfig:
+    """The recipe's ``logging:`` block."""
+
+    progress_bar: bool = True
+    """Show a progress bar (step, loss, lr, examples/s, ETA) on stderr."""
+    tensorboard: bool = True
+    """Write TensorBoard logs to ``<output_dir>/tensorboard`` when ``tensorboard`` is installed."""
+    plot: bool = True
+    """Write ``<output_dir>/loss.png`` at the end (needs matplotlib)."""
+
+
+@dataclass
+class TrainConfig:
+    """A complete training recipe."""
+
+    model: ModelConfig
+    """The backbone and how it becomes an encoder."""
+    data: DataConfig
+    """Training data, prefixes/instructions, lengths, negatives per query."""
+    output_dir: str = "runs/embedtune"
+    """Where the final model, checkpoints, metrics and plots go."""
+    seed: int = 42
+    """Seeds python, numpy and torch; with the same seed a run is reproducible bit for bit on one device."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Contrastive loss."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer."""
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
+    """Warmup and decay."""
+    step_scheduler: StepSchedulerConfig = field(default_factory=StepSchedulerConfig)
+    """Batch sizes, accumulation and duration."""
+    gradcache: GradCacheConfig = field(default_factory=GradCacheConfig)
+    """GradCache for large batches."""
+    peft: PeftConfig | None = None
+    """LoRA adapters; null trains all weights."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resume."""
+    validation: ValidationConfig | None = None
+    """Retrieval validation every N steps (best checkpoint, early stopping); null: none."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Progress bar, TensorBoard, loss plot."""
+    bf16: bool = False
+    """bfloat16 autocast for forward/backward (2-3x faster on CPUs with AMX and on GPUs)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this value; null disables clipping."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; ``auto`` picks CUDA when available."""
+    num_threads: int | None = None
+    """torch CPU threads (null: torch's default)."""
+
+    def __post_init__(self) -> None:
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"max_grad_norm: must be > 0 or null, got {self.max_grad_norm}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"num_threads: must be >= 1, got {self.num_threads}")
+        if self.loss.matryoshka_dims and self.loss.matryoshka_dims != sorted(
+            self.loss.matryoshka_dims, reverse=True
+        ):
+            raise ConfigError(
+                f"loss.matryoshka_dims: list sizes from largest to smallest, got {self.loss.matryoshka_dims}"
+            )
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """The resolved checkpoint folder."""
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output_dir) / "checkpoints"
+
+
+def load_train_config(source: str | Path | dict[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:
+    """Load and fully validate a training recipe (nothing heavy is loaded).
+
+    Args:
+        source: a recipe YAML path, a shipped recipe name (see ``embedtune ls``) or a mapping.
+        overrides: ``key.path=value`` strings.
+
+    Raises:
+        ConfigError: the recipe is invalid; the message names the file and key path.
+    """
+    if isinstance(source, str) and not Path(source).exists():
+        from embedtune.recipes import recipe_path
+
+        shipped = recipe_path(source)
+        if shipped is not None:
+            source = shipped
+    return load_config(TrainConfig, source, overrides)
