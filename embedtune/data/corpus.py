@@ -517,6 +517,8 @@ def _read_jsonl_fast(path: Path, fields: dict[str, str | None], n_lines: int, wr
                 arr.validate(full=True)  # Arrow does not check UTF-8 while parsing
                 if arr.null_count or pc.any(pc.equal(pc.utf8_length(arr), 0)).as_py():
                     raise _FastPathFailed
+            if pc.any(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0)).as_py():
+                raise _FastPathFailed  # whitespace-only text: let the slow reader name the line
             if title_f:
                 title = batch.column(title_f).fill_null("")
                 title.validate(full=True)

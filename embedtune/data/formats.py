@@ -462,11 +462,14 @@ def _query_id(
     return None, None, None
 
 
-def _query_text(obj: dict[str, Any], where: str = "") -> tuple[str | None, tuple[str, str, str] | None]:
+def _query_text(
+    obj: dict[str, Any], where: str = "", preferred: str = "query"
+) -> tuple[str | None, tuple[str, str, str] | None]:
     key = "query" if "query" in obj else "question"
     v = obj.get(key)
     if v is None:
-        return None, (f"{where}query", "missing", 'add the query text as "query" (or "question")')
+        other = "question" if preferred == "query" else "query"
+        return None, (f"{where}{preferred}", "missing", f'add the query text as "{preferred}" (or "{other}")')
     if not isinstance(v, str):
         return None, (
             f"{where}{key}",
@@ -811,7 +814,7 @@ def _read_corpus_id(
             log.extend(Problem(name, line or None, f, w, x) for f, w, x in bad)
             log.skipped_rows += 1
             continue
-        query, p = _query_text(rec, where=f"{base}.")
+        query, p = _query_text(rec, where=f"{base}.", preferred="question")
         if p:
             bad.append(p if p[0].startswith(base) else (f"{base}.{p[0]}", p[1], p[2]))
         qid, qkey, p = _query_id(rec, ("question_id", "id", "query_id"))
