@@ -4,10 +4,11 @@ Everything here is a pure function of ``(seed, epoch, index)``: the order of an 
 an index draws from, which positive and which negatives it gets, and which random documents fill a
 short negative list. A resumed run therefore sees exactly the data the interrupted run would have.
 
-* **Negatives** are read from a per-example stream made of shuffled copies of the example's list
-  (``perm_0 + perm_1 + ...``, each seeded by the example); epoch ``e`` takes the next ``n_passages - 1``
-  entries of the stream. So each epoch sees a random choice, no negative repeats within an item, and
-  every negative is used within ``ceil(len(list) / (n_passages - 1)) + 1`` epochs.
+* **Negatives**: epochs run in cycles of ``m = ceil(len(list) / (n_passages - 1))``; each cycle
+  shuffles the example's list once (seeded by seed, example and cycle) and epoch ``j`` of the cycle
+  takes the ``j``-th window of that shuffle (the cycle's last, short window is topped up from the
+  next shuffle). So each epoch sees a random choice, no negative repeats within an item, and every
+  negative is used once in every cycle of ``m`` epochs (not "always the first ones").
 * **Positives** cycle: epoch ``e`` uses positive ``e mod len(positives)``.
 * **Several datasets** share an epoch by weight (largest-remainder split of ``samples_per_epoch``); with
   ``same_dataset_per_batch`` consecutive ``batch_size`` indices come from one dataset (each dataset's
@@ -294,19 +295,18 @@ class TrainDataset:
         n = len(negs)
         chosen: list[int] = []
         if n:
-            # Walk the stream perm_0 + perm_1 + ... from position epoch * min(k, n).
+            # Cycles of m epochs: cycle c shuffles the list once (seeded by the example) and epoch j of
+            # the cycle takes window j of that shuffle, so every negative is used once per cycle. The
+            # last window of a cycle may be short; it is topped up from the next cycle's shuffle.
             step = min(k, n)
-            block, offset = divmod(epoch * step, n)
-            taken: set[int] = set()
-            while len(chosen) < step:
-                perm = _rng(self.seed, _NEG, dataset, example, block).permutation(n)
-                for j in perm[offset:]:
-                    if int(j) not in taken:  # a window across two blocks must not repeat a negative
-                        taken.add(int(j))
-                        chosen.append(int(negs[j]))
-                        if len(chosen) == step:
-                            break
-                block, offset = block + 1, 0
+            m = math.ceil(n / step)
+            cycle, j = divmod(epoch, m)
+            perm = _rng(self.seed, _NEG, dataset, example, cycle).permutation(n)
+            window = perm[j * step : (j + 1) * step].tolist()
+            if len(window) < step:
+                extra = _rng(self.seed, _NEG, dataset, example, cycle + 1).permutation(n).tolist()
+                window += [x for x in extra if x not in window][: step - len(window)]
+            chosen = [int(negs[x]) for x in window]
         if len(chosen) < k:
             if self.config.fill_negatives == "repeat":
                 base = list(chosen)
