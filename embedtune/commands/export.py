@@ -1,0 +1,78 @@
+"""``embedtune export onnx``: write a verified ONNX export of a saved bi-encoder."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+HELP = "export a bi-encoder to ONNX (pooling inside the graph) and verify it against PyTorch"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("format", choices=["onnx"], help="export format (onnx)")
+    parser.add_argument(
+        "--model", required=True, help="saved bi-encoder folder, LoRA adapter folder, hub id or short name"
+    )
+    parser.add_argument(
+        "--output", required=True, help="folder to write model.onnx, tokenizer, embedtune.json"
+    )
+    parser.add_argument(
+        "--dtype", choices=["fp32", "fp16"], default="fp32", help="precision inside the graph (default fp32)"
+    )
+    parser.add_argument(
+        "--quantize", choices=["int8"], default=None, help="dynamic int8 quantisation of the fp32 graph"
+    )
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per text saved with the export (default: model's)",
+    )
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the PyTorch vs ONNX Runtime comparison (not advised)"
+    )
+    parser.add_argument(
+        "--min-cosine",
+        type=float,
+        default=None,
+        help="fail below this cosine (default fp32 0.9999, fp16 0.999; int8 only reports)",
+    )
+    parser.add_argument(
+        "--eval-data",
+        default=os.environ.get("EMBEDTUNE_EVAL_DATA"),
+        help="BEIR folder for the int8 NDCG@10 check (default: $EMBEDTUNE_EVAL_DATA; skipped when unset)",
+    )
+    parser.add_argument("--eval-split", default="test", help="qrels split of --eval-data (default test)")
+    parser.add_argument("--eval-queries", type=int, default=50, help="queries in the NDCG slice (default 50)")
+    parser.add_argument(
+        "--eval-docs", type=int, default=500, help="documents in the NDCG slice: relevant + distractors (500)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from embedtune.export.errors import require_onnx
+
+    require_onnx()  # before loading a model: the missing extra is the first thing to fix
+    from embedtune.export.onnx import describe, export_onnx
+    from embedtune.export.verify import small_beir_slice
+
+    eval_set = None
+    if args.quantize and args.eval_data and not args.no_verify:
+        eval_set = small_beir_slice(
+            args.eval_data, split=args.eval_split, max_queries=args.eval_queries, max_docs=args.eval_docs
+        )
+    result = export_onnx(
+        args.model,
+        args.output,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        opset=args.opset,
+        max_length=args.max_length,
+        verify=not args.no_verify,
+        min_cosine=args.min_cosine,
+        eval_set=eval_set,
+        log=print,
+    )
+    print(describe(result))
+    return 0
