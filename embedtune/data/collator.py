@@ -51,6 +51,14 @@ class BiEncoderCollator:
         passage_prefix: str = "",
         pool_instruction: bool = True,
     ) -> None:
+        if pad_to_multiple_of:
+            for name, value in (("q_max_len", q_max_len), ("p_max_len", p_max_len)):
+                if value % pad_to_multiple_of:
+                    from embedtune.errors import ConfigError
+
+                    raise ConfigError(
+                        f"{name}: {value} is not a multiple of pad_to_multiple_of ({pad_to_multiple_of})"
+                    )
         self.tokenizer = tokenizer
         self.q_max_len = q_max_len
         self.p_max_len = p_max_len

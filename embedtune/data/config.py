@@ -114,6 +114,16 @@ class DataConfig:
             raise ConfigError(
                 f"pad_to_multiple_of: must be an integer >= 1 or null, got {self.pad_to_multiple_of!r}"
             )
+        if self.pad_to_multiple_of:
+            # transformers refuses to truncate to a length that padding would then round up.
+            for name in ("q_max_len", "p_max_len"):
+                value = getattr(self, name)
+                if value % self.pad_to_multiple_of:
+                    up = -(-value // self.pad_to_multiple_of) * self.pad_to_multiple_of
+                    raise ConfigError(
+                        f"{name}: {value} is not a multiple of pad_to_multiple_of ({self.pad_to_multiple_of}) — "
+                        f"use {up}, or set pad_to_multiple_of: null"
+                    )
         if self.fill_negatives not in FILL_NEGATIVES:
             raise ConfigError(
                 f"fill_negatives: {self.fill_negatives!r} is not one of: {', '.join(FILL_NEGATIVES)}"
