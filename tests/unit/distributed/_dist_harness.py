@@ -1,0 +1,61 @@
+"""Run a function on N gloo ranks (spawned processes) with a hard deadline, and free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple[Any, ...]) -> None:
+    import torch
+
+    from embedtune.training import distributed as D
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    torch.set_num_threads(1)  # two cores shared by everyone: one thread per rank
+    # A short collective timeout: a rank that fails makes the other fail within a minute, not hang.
+    D.init_distributed(D.DistributedConfig(timeout_minutes=1.0), device="cpu")
+    try:
+        fn(rank, world, *args)
+    finally:
+        D.destroy_distributed()
+
+
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120.0) -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` spawned ranks; raise if any fails or time runs out.
+
+    ``fn`` must be importable (a module-level function); results go through files.
+    """
+    ctx = mp.start_processes(
+        _entry, args=(fn, world, free_port(), args), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} ranks did not finish within {timeout:.0f} s")
+    finally:
+        for p in ctx.processes:  # only our own children, by handle
+            if p.is_alive():
+                p.kill()
+                p.join(5)
