@@ -13,25 +13,36 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 
-def prefix_token_count(tokenizer: PreTrainedTokenizerBase, prefix: str) -> int:
-    """Number of leading tokens that belong to ``prefix`` once it is prepended to a text.
-
-    Counted as sentence-transformers counts its prompt length: the prefix tokenised on its own, with the
-    tokenizer's leading special tokens (BOS/[CLS]) and without a trailing one (EOS/[SEP]). Using the same
-    rule makes ``include_prompt: false`` in the saved sentence-transformers config pool the same tokens.
-    """
+def prefix_token_ids(tokenizer: PreTrainedTokenizerBase, prefix: str) -> list[int]:
+    """Token ids of ``prefix`` on its own: with the tokenizer's leading special tokens (BOS/[CLS]) and
+    without a trailing one (EOS/[SEP]), i.e. what starts every ``prefix + text`` sequence."""
     if not prefix:
-        return 0
-    cache = _PREFIX_COUNTS.setdefault(tokenizer, {})
+        return []
+    cache = _PREFIX_IDS.setdefault(tokenizer, {})
     if prefix not in cache:
-        ids = tokenizer(prefix, add_special_tokens=True)["input_ids"]
-        trailing_special = bool(ids) and ids[-1] in set(tokenizer.all_special_ids)
-        cache[prefix] = len(ids) - int(trailing_special)
+        ids = list(tokenizer(prefix, add_special_tokens=True)["input_ids"])
+        if ids and ids[-1] in set(tokenizer.all_special_ids):
+            ids = ids[:-1]
+        cache[prefix] = ids
     return cache[prefix]
 
 
-# tokenizer -> {prefix: token count}; weak so that a dropped tokenizer frees its entries.
-_PREFIX_COUNTS: WeakKeyDictionary[PreTrainedTokenizerBase, dict[str, int]] = WeakKeyDictionary()
+def prefix_token_count(tokenizer: PreTrainedTokenizerBase, prefix: str) -> int:
+    """Number of tokens of ``prefix`` tokenised on its own (sentence-transformers' prompt length)."""
+    return len(prefix_token_ids(tokenizer, prefix))
+
+
+# tokenizer -> {prefix: token ids}; weak so that a dropped tokenizer frees its entries.
+_PREFIX_IDS: WeakKeyDictionary[PreTrainedTokenizerBase, dict[str, list[int]]] = WeakKeyDictionary()
+
+
+def _shared_prefix_length(row: list[int], prefix_ids: list[int]) -> int:
+    n = 0
+    for a, b in zip(row, prefix_ids):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 def tokenize_texts(
@@ -54,6 +65,10 @@ def tokenize_texts(
         pool_prefix: when False, prefix tokens get 0 in ``pooling_mask``: they are attended to but not
             pooled (LLM2Vec / NV-Embed style instruction exclusion).
         pad_to_multiple_of: pad the sequence length up to a multiple of this (tensor-core friendly).
+
+    The prefix tokens left out are those of the prefix tokenised on its own that also start the joint
+    sequence. That equals sentence-transformers' prompt length except where a BPE tokenizer merges the
+    prefix's last character into the text's first token; there we keep (pool) the merged token.
 
     Returns:
         ``input_ids``, ``attention_mask`` and ``pooling_mask``, each a (batch, seq) LongTensor.
@@ -78,10 +93,16 @@ def tokenize_texts(
     attention_mask = encoded["attention_mask"].long()  # (b, s)
     pooling_mask = attention_mask.clone()
     if not pool_prefix and any(prefix_list):
-        counts = torch.tensor([prefix_token_count(tokenizer, p) for p in prefix_list])  # (b,)
         # Rank of each real token in its text (0-based), valid for either padding side.
         rank = torch.cumsum(attention_mask, dim=1) - 1  # (b, s)
-        pooling_mask = pooling_mask * (rank >= counts.unsqueeze(1)).long()
+        counts = []
+        for row, prefix in enumerate(prefix_list):
+            ids = prefix_token_ids(tokenizer, prefix)
+            real = input_ids[row][attention_mask[row].bool()][: len(ids)].tolist()
+            # Only the tokens the prefix really produced: with BPE the prefix's trailing space often
+            # merges into the text's first word (" a"), a token that carries text and must be pooled.
+            counts.append(_shared_prefix_length(real, ids))
+        pooling_mask = pooling_mask * (rank >= torch.tensor(counts).unsqueeze(1)).long()
         # A text truncated to its prefix alone would pool nothing: fall back to all its tokens.
         empty = pooling_mask.sum(1) == 0
         if bool(empty.any()):

@@ -1,0 +1,74 @@
+"""Pooling: equal to sentence-transformers' Pooling module, and independent of the padding side."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sentence_transformers.sentence_transformer.modules import Pooling as STPooling
+
+from embedtune.errors import ConfigError
+from embedtune.models.pooling import POOLING_METHODS, TO_SENTENCE_TRANSFORMERS, canonical_pooling, pool
+
+
+def _right_padded(lengths: list[int], hidden: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    seq = max(lengths)
+    h = torch.randn(len(lengths), seq, hidden, generator=g)
+    mask = torch.zeros(len(lengths), seq, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return h, mask
+
+
+def _to_left(h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's real tokens to the right end (left padding), padding vectors set to noise."""
+    h2 = torch.randn_like(h) * 100  # padding vectors must not matter
+    m2 = torch.zeros_like(mask)
+    for i in range(h.shape[0]):
+        n = int(mask[i].sum())
+        h2[i, h.shape[1] - n :] = h[i, :n]
+        m2[i, h.shape[1] - n :] = 1
+    return h2, m2
+
+
+@pytest.mark.parametrize("method", POOLING_METHODS)
+def test_same_vector_for_left_and_right_padding(method: str) -> None:
+    h, mask = _right_padded([5, 2, 7, 1])
+    h_left, mask_left = _to_left(h, mask)
+    torch.testing.assert_close(pool(h, mask, method), pool(h_left, mask_left, method), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", POOLING_METHODS)
+@pytest.mark.parametrize("prompt_length", [0, 2])
+def test_equals_sentence_transformers_pooling(method: str, prompt_length: int) -> None:
+    lengths = [6, 4, 7]
+    h, mask = _right_padded(lengths, hidden=8)
+    pooling_mask = mask.clone()
+    pooling_mask[:, :prompt_length] = 0
+    ours = pool(h, mask, method, pooling_mask)
+    st = STPooling(8, pooling_mode=TO_SENTENCE_TRANSFORMERS[method], include_prompt=prompt_length == 0)
+    features = {"token_embeddings": h, "attention_mask": mask}
+    if prompt_length:
+        features["prompt_length"] = torch.tensor([prompt_length])
+    theirs = st(features)["sentence_embedding"]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_mean_is_really_weighted() -> None:
+    h, mask = _right_padded([4])
+    expected = (h[0, :4] * torch.arange(1, 5).unsqueeze(1)).sum(0) / 10  # weights 1,2,3,4
+    torch.testing.assert_close(pool(h, mask, "weighted_mean")[0], expected)
+    assert not torch.allclose(pool(h, mask, "weighted_mean"), pool(h, mask, "mean"))
+
+
+def test_last_is_the_last_real_token_not_position_minus_one() -> None:
+    h, mask = _right_padded([3, 5])
+    torch.testing.assert_close(pool(h, mask, "last")[0], h[0, 2])
+    torch.testing.assert_close(pool(h, mask, "last")[1], h[1, 4])
+
+
+def test_aliases_and_unknown_name() -> None:
+    assert canonical_pooling("avg") == "mean"
+    assert canonical_pooling("weighted_avg") == "weighted_mean"
+    with pytest.raises(ConfigError, match=r"unknown method 'maxx'.*mean, cls, last, weighted_mean"):
+        canonical_pooling("maxx")

@@ -1,0 +1,71 @@
+"""Prefix tokens are attended to but, when asked, left out of pooling, for either padding side."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from embedtune.models import zoo
+from embedtune.models.tokenization import prefix_token_count, tokenize_texts
+
+
+@pytest.fixture(scope="module")
+def bert_tok():
+    return AutoTokenizer.from_pretrained(zoo.minilm_path())
+
+
+@pytest.fixture(scope="module")
+def bpe_tok():
+    return AutoTokenizer.from_pretrained(zoo.resolve("tiny-llama"))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("which", ["bert_tok", "bpe_tok"])
+def test_prefix_excluded_from_pooling_mask(which: str, side: str, request: pytest.FixtureRequest) -> None:
+    tok = request.getfixturevalue(which)
+    tok.padding_side = side
+    texts = ["a short one", "a somewhat longer text with more words in it"]
+    prefix = "Instruct: find the answer\nQuery: "
+    out = tokenize_texts(tok, texts, prefixes=prefix, max_length=64, pool_prefix=False)
+    full = tokenize_texts(tok, texts, prefixes=prefix, max_length=64, pool_prefix=True)
+    prefix_ids = tok(prefix)["input_ids"]
+    if prefix_ids[-1] in tok.all_special_ids:
+        prefix_ids = prefix_ids[:-1]
+    torch.testing.assert_close(full["pooling_mask"], full["attention_mask"])
+    for row in range(2):
+        real = out["attention_mask"][row].nonzero().flatten()
+        pooled = out["pooling_mask"][row].nonzero().flatten()
+        n = len(real) - len(pooled)
+        # the dropped tokens are the first real ones, whatever the padding side ...
+        assert pooled.tolist() == real[n:].tolist()
+        # ... they are the prefix's own tokens, and at most one (a BPE merge across the boundary) is kept
+        assert out["input_ids"][row, real[:n]].tolist() == prefix_ids[:n]
+        assert len(prefix_ids) - 1 <= n <= len(prefix_ids) and n > 3
+
+
+def test_per_text_prefixes(bert_tok) -> None:
+    out = tokenize_texts(
+        bert_tok,
+        ["x y", "x y"],
+        prefixes=["query: ", "a much longer instruction: "],
+        max_length=32,
+        pool_prefix=False,
+    )
+    assert out["pooling_mask"][0].sum() > out["pooling_mask"][1].sum() - 1  # same text, different prefixes
+    assert out["pooling_mask"][0].sum() == out["pooling_mask"][1].sum()
+
+
+def test_text_truncated_into_its_prefix_still_pools_something(bert_tok) -> None:
+    out = tokenize_texts(
+        bert_tok, ["text"], prefixes="a very long instruction " * 5, max_length=8, pool_prefix=False
+    )
+    assert int(out["pooling_mask"].sum()) > 0
+
+
+def test_prefix_count_matches_sentence_transformers(bert_tok) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(zoo.minilm_path()), device="cpu")
+    for prefix in ["query: ", "Instruct: retrieve\nQuery: ", "passage: "]:
+        assert prefix_token_count(bert_tok, prefix) == st[0]._get_prompt_length(prefix)
