@@ -59,3 +59,49 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
             if p.is_alive():
                 p.kill()
                 p.join(5)
+
+
+def launch_ranks(
+    script: str, world: int, args: list[str], *, port: int | None = None, log_dir: str | None = None
+) -> list[Any]:
+    """Start ``python script args`` once per rank (plain processes: the test can signal one rank).
+
+    Returns the ``subprocess.Popen`` handles in rank order; stdout/stderr go to ``log_dir/rank{r}.log``.
+    """
+    import subprocess
+    import sys
+
+    port = port or free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            OMP_NUM_THREADS="1",
+        )
+        log = open(os.path.join(log_dir, f"rank{rank}.log"), "ab") if log_dir else subprocess.DEVNULL  # noqa: SIM115
+        procs.append(
+            subprocess.Popen([sys.executable, script, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        )
+    return procs
+
+
+def wait_all(procs: list[Any], timeout: float) -> list[int]:
+    """Wait for every process (killing all of them after ``timeout`` s); returns the exit codes."""
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except Exception:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+        raise
+    return [p.returncode for p in procs]
