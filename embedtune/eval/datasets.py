@@ -370,3 +370,57 @@ def _load_training_file(
         source=str(p),
         warnings=problems + more,
     )
+
+
+def load_corpus(path: str | Path, *, cache_dir: str | Path | None = None) -> Any:
+    """Open the documents at ``path`` for ``embedtune search``.
+
+    Accepts a BEIR folder (its ``corpus.jsonl``), a NeMo corpus folder (``merlin_metadata.json``), a corpus
+    JSONL file (``{"_id", "title", "text"}`` as BEIR, or ``{"id", "text"}``), or a training file (the
+    documents it contains).
+
+    Raises:
+        DataError: the path is missing, or is not one of these.
+    """
+    import json
+
+    from embedtune.data.corpus import Corpus
+
+    p = Path(path)
+    if not p.exists():
+        raise DataError(
+            f"{p}: no such file or folder — give a corpus .jsonl, a BEIR folder or a training file"
+        )
+    if p.is_dir():
+        if (p / "corpus.jsonl").is_file():
+            return _call_with_cache(
+                Corpus.from_jsonl,
+                p / "corpus.jsonl",
+                id_field="_id",
+                title_field="title",
+                cache_dir=cache_dir,
+            )
+        if (p / "merlin_metadata.json").is_file():
+            return _call_with_cache(Corpus.from_folder, p, cache_dir=cache_dir)
+        raise DataError(
+            f"{p}: neither a BEIR folder (corpus.jsonl) nor a corpus folder (merlin_metadata.json)"
+        )
+    if p.suffix == ".jsonl":
+        with open(p, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            obj = json.loads(first) if first else {}
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{p}:1: invalid JSON ({exc.msg}) — one JSON object per line") from None
+        if isinstance(obj, dict) and "text" in obj and ("_id" in obj or "id" in obj) and "query" not in obj:
+            beir_style = "_id" in obj
+            return _call_with_cache(
+                Corpus.from_jsonl,
+                p,
+                id_field="_id" if beir_style else "id",
+                title_field="title" if "title" in obj else None,
+                cache_dir=cache_dir,
+            )
+    from embedtune.data.formats import read_training_file
+
+    return _call_with_cache(read_training_file, p, cache_dir=cache_dir).corpus
