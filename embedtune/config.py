@@ -181,18 +181,56 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if "=" not in item or not item.split("=", 1)[0].strip():
             raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE, e.g. optimizer.lr=1e-5")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = out
+        parts = _split_key(key.strip(), item)
+        node: Any = out
         for i, part in enumerate(parts[:-1]):
+            path = _path_str(parts[: i + 1])
+            if isinstance(part, int):
+                if not isinstance(node, list) or not -len(node) <= part < len(node):
+                    raise ConfigError(f"override {item!r}: {path} does not exist (no such list entry)")
+                node = node[part]
+                continue
             nxt = node.get(part)
-            if not isinstance(nxt, dict):
-                if nxt is not None:
-                    path = ".".join(parts[: i + 1])
-                    raise ConfigError(f"override {item!r}: {path} is a value, not a section")
+            if nxt is None:
+                if isinstance(parts[i + 1], int):
+                    raise ConfigError(f"override {item!r}: {path} is not a list in the recipe")
                 nxt = {}
                 node[part] = nxt
+            elif not isinstance(nxt, (dict, list)):
+                raise ConfigError(f"override {item!r}: {path} is a value, not a section")
             node = nxt
-        node[parts[-1]] = _parse_value(raw)
+        last = parts[-1]
+        if isinstance(last, int):
+            if not isinstance(node, list) or not -len(node) <= last < len(node):
+                raise ConfigError(
+                    f"override {item!r}: {_path_str(parts)} does not exist (no such list entry)"
+                )
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {_path_str(parts[:-1])} is a list; index it, e.g. [0]")
+        node[last] = _parse_value(raw)
+    return out
+
+
+def _split_key(key: str, item: str) -> list[str | int]:
+    # "data.datasets[0].path" -> ["data", "datasets", 0, "path"]; "a.0.b" indexes lists too.
+    parts: list[str | int] = []
+    for raw in key.split("."):
+        name, *indices = raw.split("[")
+        if name:
+            parts.append(int(name) if name.isdigit() else name)
+        for idx in indices:
+            if not idx.endswith("]") or not idx[:-1].lstrip("-").isdigit():
+                raise ConfigError(f"override {item!r}: bad list index in {raw!r}; write e.g. datasets[0]")
+            parts.append(int(idx[:-1]))
+    if not parts or any(p == "" for p in parts):
+        raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE, e.g. optimizer.lr=1e-5")
+    return parts
+
+
+def _path_str(parts: Sequence[str | int]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
     return out
 
 

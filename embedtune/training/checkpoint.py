@@ -74,8 +74,6 @@ class TrainState:
     """Best validation metric so far (None before the first validation)."""
     best_step: int | None = None
     """Step at which ``best_metric`` was reached."""
-    bad_validations: int = 0
-    """Validations in a row without improvement (early stopping)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form JSON-serialisable values."""
 

@@ -17,6 +17,7 @@ position, so a resumed run is bitwise identical to an uninterrupted one on the s
 
 from __future__ import annotations
 
+import copy
 import random
 import signal
 import time
@@ -192,7 +193,7 @@ class BiEncoderRecipe:
             return None
         from embedtune.eval.validator import Validator
 
-        return Validator(self.cfg.validation, bf16=self.cfg.bf16)
+        return Validator(self.cfg.validation)
 
     def _trainable_state(self) -> dict[str, Tensor]:
         # LoRA: only the adapter (and any modules_to_save) — the frozen base is reloaded from its source.
@@ -213,6 +214,8 @@ class BiEncoderRecipe:
         self.scheduler.load_state_dict(ck.scheduler)
         restore_rng_state(ck.rng)
         self.state = ck.state
+        if self.validator is not None and "validator" in self.state.extra:
+            self.validator.load_state_dict(self.state.extra["validator"])
         print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})", flush=True)
 
     # ============================================================================================ train
@@ -221,7 +224,7 @@ class BiEncoderRecipe:
         cfg, st = self.cfg, self.state
         sched = cfg.step_scheduler
         reason = "max_steps" if sched.max_steps else "epochs"
-        if self.validator is not None and cfg.validation.eval_at_start and st.step == 0:
+        if self.validator is not None and self.validator.should_run(0) and st.step == 0:
             self._validate()
         t_start = time.perf_counter() - st.elapsed_s
         with self._signals_to_flag():
@@ -247,16 +250,26 @@ class BiEncoderRecipe:
                             "elapsed_s": round(st.elapsed_s, 3),
                         }
                     )
+                # Stop *before* the budget runs out: would one more step of this length overshoot it?
+                step_s = time.perf_counter() - t0
+                out_of_time = (
+                    sched.max_time_minutes is not None and st.elapsed_s + step_s > 60 * sched.max_time_minutes
+                )
+                last = st.step == self.total_steps or out_of_time
+                early = bool(
+                    self.validator is not None
+                    and self.validator.should_run(st.step, last_step=last)
+                    and self._validate()
+                )
                 stop = ""
-                due = st.step % cfg.validation.every_n_steps == 0 if self.validator is not None else False
-                if self.validator is not None and (due or st.step == self.total_steps) and self._validate():
-                    stop = "early_stopping"
-                if sched.max_time_minutes is not None and st.elapsed_s >= 60 * sched.max_time_minutes:
-                    stop = stop or "time_budget"
                 if self._stop_signal is not None:
                     stop = "signal"
+                elif early:
+                    stop = "early_stopping"
+                elif out_of_time:
+                    stop = "time_budget"
                 periodic = sched.ckpt_every_steps and st.step % sched.ckpt_every_steps == 0
-                if periodic or stop:
+                if (periodic or stop) and not self._saved_this_step():
                     self._save_checkpoint()
                 if stop:
                     reason = stop
@@ -270,7 +283,7 @@ class BiEncoderRecipe:
             return TrainResult(
                 EXIT_SIGTERM if sig == signal.SIGTERM else EXIT_SIGINT, st, None, stop_reason=reason
             )
-        if self.ckpt.latest() is None or self.ckpt.latest().name != f"step_{st.step:08d}":
+        if not self._saved_this_step():
             self._save_checkpoint()
         model_dir, adapter_dir = self._save_final()
         return TrainResult(0, st, model_dir, adapter_dir, stop_reason=reason)
@@ -356,26 +369,34 @@ class BiEncoderRecipe:
         return same_document_ids(doc_ids, fp)
 
     def _validate(self) -> bool:
-        """Run validation, track the best checkpoint; returns True when early stopping triggers."""
-        cfg, st = self.cfg, self.state
-        vcfg = cfg.validation
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            metrics = self.validator(self.model, step=st.step)
-        if was_training:
-            self.model.train()
+        """Run validation, save the best checkpoint; returns True when early stopping triggers."""
+        st, validator = self.state, self.validator
+        metric = self.cfg.validation.metric
+        metrics = validator.run(self._inference_model(), st.step)
+        st.extra["validator"] = validator.state_dict()
+        st.best_metric, st.best_step = validator.best_value, validator.best_step
         self.monitor.log({"step": st.step, **{f"val/{k}": v for k, v in metrics.items()}})
-        value = metrics[vcfg.metric]
-        self.monitor.message(f"step {st.step}: validation {vcfg.metric} = {value:.4f}")
-        if st.best_metric is None or value > st.best_metric + vcfg.min_delta:
-            st.best_metric, st.best_step, st.bad_validations = value, st.step, 0
-            if st.step > 0:
-                self._save_checkpoint(is_best=True)
-            return False
-        st.bad_validations += 1
-        patience = vcfg.early_stopping_patience
-        return patience is not None and st.bad_validations >= patience
+        self.monitor.message(
+            f"step {st.step}: validation {metric} = {metrics[metric]:.4f} (best {validator.best_value:.4f} "
+            f"at step {validator.best_step})"
+        )
+        if validator.improved and st.step > 0:
+            self._save_checkpoint(is_best=True)
+        return validator.should_stop
+
+    def _inference_model(self) -> nn.Module:
+        """The model to evaluate: for LoRA a merged *copy* (unmerged adapters encode ~2x slower; merging
+        the live model in place and back is not bit-exact, which would break exact resume)."""
+        if self.cfg.peft is None:
+            return self.model
+        from embedtune.models import BiEncoder
+
+        merged = copy.deepcopy(self.model.backbone).merge_and_unload()
+        return BiEncoder(merged, self.model.tokenizer, self.model.settings)
+
+    def _saved_this_step(self) -> bool:
+        latest = self.ckpt.latest()
+        return latest is not None and latest.name == f"step_{self.state.step:08d}"
 
     def _save_checkpoint(self, is_best: bool = False) -> Path:
         return self.ckpt.save(

@@ -110,3 +110,31 @@ def test_registry_lists_names_in_errors():
         reg.get("c", "x.name")
     with pytest.raises(ValueError, match="already registered"):
         reg.register("a")(int)
+
+
+@dataclass
+class Item:
+    """A list entry."""
+
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class WithList:
+    """A config with a list of sections."""
+
+    items: list[Item] = field(default_factory=list)
+
+
+def test_overrides_index_lists():
+    cfg = load_config(
+        WithList, {"items": [{"path": "a"}, {"path": "b"}]}, ["items[1].weight=2", "items.0.path=z"]
+    )
+    assert cfg.items == [Item("z", 1.0), Item("b", 2.0)]
+    with pytest.raises(ConfigError, match=r"items\[5\] does not exist"):
+        load_config(WithList, {"items": [{"path": "a"}]}, ["items[5].path=x"])
+    with pytest.raises(ConfigError, match="bad list index"):
+        apply_overrides({"items": []}, ["items[x].path=1"])
+    with pytest.raises(ConfigError, match=r"items\[0\]\.pth: unknown key; allowed keys: path, weight"):
+        load_config(WithList, {"items": [{"path": "a"}]}, ["items[0].pth=x"])

@@ -1,0 +1,110 @@
+"""Distillation from a cross-encoder: a KL term between the reranker's and the bi-encoder's scores.
+
+For each query the bi-encoder's scores over its own group (positive + hard negatives) and the
+teacher's scores over the same passages are turned into distributions and compared::
+
+    p_teacher = softmax(t / τ_t)         t: (B, n) teacher logits (e.g. ``ce_score`` from ``embedtune mine``)
+    p_student = softmax(s / τ_s)         s: (B, n) cosine scores of the bi-encoder
+    loss      = mean_b KL(p_teacher ‖ p_student) = Σ_j p_t log p_t − p_t log p_s
+
+This is the listwise distillation of RocketQAv2 / FlagEmbedding (teacher scores stored beside the
+mined negatives or computed on the fly). Added to InfoNCE with a weight:
+``loss = info_nce + distill.weight * distillation_kl(...)``. ``τ_s`` should equal the InfoNCE
+temperature so both terms see the same logits; ``τ_t`` sets how sharp the teacher is (1.0 for raw
+cross-encoder logits). Passages without a teacher score (``mask`` False) are left out of both
+distributions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from embedtune.errors import ConfigError
+
+__all__ = ["DistillConfig", "distillation_kl", "group_scores"]
+
+
+@dataclass
+class DistillConfig:
+    """The ``distill:`` block of a training recipe (null: no distillation)."""
+
+    weight: float = 1.0
+    """Weight of the KL term added to the contrastive loss."""
+    teacher_temperature: float = 1.0
+    """τ_t: teacher logits are divided by it before the softmax."""
+    student_temperature: float | None = None
+    """τ_s: student scores are divided by it; null takes ``loss.temperature``."""
+    score_field: str = "ce_score"
+    """Field of each ``pos_doc``/``neg_doc`` entry that holds the teacher's score (``embedtune mine
+    --reranker`` writes ``ce_score``)."""
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"weight: must be >= 0, got {self.weight}")
+        if not self.teacher_temperature > 0:
+            raise ConfigError(f"teacher_temperature: must be > 0, got {self.teacher_temperature}")
+        if self.student_temperature is not None and not self.student_temperature > 0:
+            raise ConfigError(f"student_temperature: must be > 0, got {self.student_temperature}")
+
+
+def group_scores(queries: Tensor, passages: Tensor, n_passages: int) -> Tensor:
+    """Each query's scores over its own group of passages.
+
+    Args:
+        queries: (B, d) query embeddings.
+        passages: (B * n_passages, d), grouped by query, positive first (the collator's layout).
+        n_passages: passages per query.
+
+    Returns:
+        (B, n_passages) dot products.
+    """
+    groups = passages.view(queries.shape[0], n_passages, -1)  # (B, n, d)
+    return torch.einsum("bd,bnd->bn", queries, groups)
+
+
+def distillation_kl(
+    student_scores: Tensor,
+    teacher_scores: Tensor,
+    *,
+    student_temperature: float = 0.02,
+    teacher_temperature: float = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Mean over queries of KL(softmax(teacher / τ_t) ‖ softmax(student / τ_s)).
+
+    Args:
+        student_scores: (B, n) bi-encoder scores (differentiable).
+        teacher_scores: (B, n) teacher scores (no gradient flows into them).
+        student_temperature: τ_s.
+        teacher_temperature: τ_t.
+        mask: (B, n) bool, True where the teacher has a score; rows need at least one True.
+
+    Returns:
+        Scalar loss (0 exactly when the two distributions are equal).
+
+    Raises:
+        ConfigError: shapes differ or a temperature is not positive.
+    """
+    if student_scores.shape != teacher_scores.shape:
+        raise ConfigError(
+            f"student scores {tuple(student_scores.shape)} and teacher scores {tuple(teacher_scores.shape)} "
+            "must have the same (batch, passages) shape — one teacher score per passage"
+        )
+    if not (student_temperature > 0 and teacher_temperature > 0):
+        raise ConfigError("distillation temperatures must be > 0")
+    s = student_scores.float() / student_temperature
+    t = teacher_scores.detach().float() / teacher_temperature
+    if mask is not None:
+        mask = mask.to(torch.bool)
+        s = s.masked_fill(~mask, float("-inf"))
+        t = t.masked_fill(~mask, float("-inf"))
+    log_p_s = F.log_softmax(s, dim=-1)
+    log_p_t = F.log_softmax(t, dim=-1)
+    p_t = log_p_t.exp()
+    # Masked entries have p_t = 0; write their terms as 0 instead of 0 * (-inf - -inf) = nan.
+    terms = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t))
+    return terms.sum(dim=-1).mean()
