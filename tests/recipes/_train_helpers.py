@@ -42,6 +42,7 @@ WORDS = [
 
 def write_pairs(path: Path, n: int = 40, n_neg: int = 3, seed: int = 0) -> Path:
     """An inline JSONL training file: query, positive, hard negatives (word-overlap based)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
