@@ -568,53 +568,85 @@ def _read_inline(
 # ---------------------------------------------------------------------- corpus-ID JSON
 
 _WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
 
 
-def _record_offsets(text: str, array_key: str = "data") -> list[int]:
-    """Character offsets of the elements of the top-level ``array_key`` array of a valid JSON object.
+class _ScanFailed(Exception):
+    pass
 
-    ``json`` gives no positions, so this walks the top level with the decoder's own scanner to find
-    where each record starts; messages can then name the record's line. Returns [] if anything is odd.
+
+def _ws(text: str, i: int) -> int:
+    return _WS.match(text, i).end()  # type: ignore[union-attr]
+
+
+def _parse_with_record_lines(text: str, array_key: str = "data") -> tuple[Any, list[int]]:
+    """Parse a JSON document once, noting the line where each element of the top-level ``array_key``
+    array starts (``json`` gives no positions; messages need the record's line).
+
+    Walks the top-level object with the decoder's own ``raw_decode`` per value, so each record is parsed
+    exactly once. Anything unusual (duplicate keys, syntax errors) falls back to ``json.loads``, which
+    raises the canonical error or returns the document without line numbers.
     """
-    dec = json.JSONDecoder()
     try:
-        i = _WS.match(text, 0).end()  # type: ignore[union-attr]
+        i = _ws(text, 0)
         if text[i] != "{":
-            return []
-        i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
-        while text[i] != "}":
-            key, i = scanstring(text, i + 1)
-            i = _WS.match(text, i).end()  # type: ignore[union-attr]
-            i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]  # past ':'
-            if key == array_key and text[i] == "[":
-                offsets: list[int] = []
-                i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
-                while text[i] != "]":
-                    offsets.append(i)
-                    _, i = dec.raw_decode(text, i)
-                    i = _WS.match(text, i).end()  # type: ignore[union-attr]
-                    if text[i] == ",":
-                        i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
-                return offsets
-            _, i = dec.raw_decode(text, i)
-            i = _WS.match(text, i).end()  # type: ignore[union-attr]
-            if text[i] == ",":
-                i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
-    except (IndexError, ValueError, AttributeError):
-        return []
-    return []
-
-
-def _offsets_to_lines(text: str, offsets: list[int]) -> list[int]:
+            raise _ScanFailed
+        obj: dict[str, Any] = {}
+        offsets: list[int] = []
+        i = _ws(text, i + 1)
+        if text[i] == "}":
+            i += 1
+        else:
+            while True:
+                if text[i] != '"':
+                    raise _ScanFailed
+                key, i = scanstring(text, i + 1)
+                i = _ws(text, i)
+                if text[i] != ":" or key in obj:
+                    raise _ScanFailed
+                i = _ws(text, i + 1)
+                if key == array_key and text[i] == "[":
+                    items: list[Any] = []
+                    i = _ws(text, i + 1)
+                    if text[i] == "]":
+                        i += 1
+                    else:
+                        while True:
+                            offsets.append(i)
+                            value, i = _DECODER.raw_decode(text, i)
+                            items.append(value)
+                            i = _ws(text, i)
+                            if text[i] == ",":
+                                i = _ws(text, i + 1)
+                                continue
+                            if text[i] != "]":
+                                raise _ScanFailed
+                            i += 1
+                            break
+                    obj[key] = items
+                else:
+                    obj[key], i = _DECODER.raw_decode(text, i)
+                i = _ws(text, i)
+                if text[i] == ",":
+                    i = _ws(text, i + 1)
+                    continue
+                if text[i] != "}":
+                    raise _ScanFailed
+                i += 1
+                break
+        if _ws(text, i) != len(text):
+            raise _ScanFailed
+    except (_ScanFailed, IndexError, ValueError):
+        return json.loads(text), []  # raises JSONDecodeError with the canonical message when invalid
     lines, line, prev = [], 1, 0
     for off in offsets:
         line += text.count("\n", prev, off)
         prev = off
         lines.append(line)
-    return lines
+    return obj, lines
 
 
-def _read_json_document(path: Path, name: str, log: ProblemLog) -> tuple[Any, str]:
+def _read_json_document(path: Path, name: str, log: ProblemLog) -> tuple[Any, list[int]]:
     """Parse a whole JSON file; fatal problems (bad UTF-8, bad JSON) name the line."""
     raw = path.read_bytes()
     if raw.startswith(b"\xef\xbb\xbf"):
@@ -632,8 +664,9 @@ def _read_json_document(path: Path, name: str, log: ProblemLog) -> tuple[Any, st
                 "re-save the file as UTF-8",
             )
         ) from None
+    del raw
     try:
-        return json.loads(text), text
+        return _parse_with_record_lines(text)
     except json.JSONDecodeError as exc:
         hint = "fix the JSON syntax (check quotes, commas and brackets)"
         if exc.msg == "Extra data":
@@ -643,10 +676,11 @@ def _read_json_document(path: Path, name: str, log: ProblemLog) -> tuple[Any, st
         ) from None
 
 
-def _doc_refs(
-    value: Any, where: str, required: bool
-) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
-    """(json path, doc id) pairs of a corpus-ID ``pos_doc``/``neg_doc`` list, and problems."""
+def _doc_refs(value: Any, where: str, required: bool) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Document IDs of a corpus-ID ``pos_doc``/``neg_doc`` list, and problems (field, what, fix).
+
+    When there is no problem, entry ``k`` of the result is entry ``k`` of the list (see :func:`_ref_path`).
+    """
     if value is None:
         return [], (
             [(where, "missing", f'add "{where.rsplit(".", 1)[-1]}": [{{"id": "<document id>"}}]')]
@@ -663,22 +697,36 @@ def _doc_refs(
         ]
     if not value and required:
         return [], [(where, "empty list", "give at least one positive document id")]
-    refs, problems = [], []
+    ids: list[str] = []
+    problems: list[tuple[str, str, str]] = []
     for k, item in enumerate(value):
-        w = f"{where}[{k}]"
         if isinstance(item, dict):
-            w += ".id"
             item = item.get("id")
             if item is None:
-                problems.append((w, "missing", 'give each entry an "id" that names a corpus document'))
+                problems.append(
+                    (
+                        _ref_path(where, value, k),
+                        "missing",
+                        'give each entry an "id" that names a corpus document',
+                    )
+                )
                 continue
         if isinstance(item, bool) or not isinstance(item, (str, int)) or str(item) == "":
             problems.append(
-                (w, f"expected a document id string, got {_type_name(item)}", 'write {"id": "<document id>"}')
+                (
+                    _ref_path(where, value, k),
+                    f"expected a document id string, got {_type_name(item)}",
+                    'write {"id": "<document id>"}',
+                )
             )
         else:
-            refs.append((w, str(item)))
-    return refs, problems
+            ids.append(item if isinstance(item, str) else str(item))
+    return ids, problems
+
+
+def _ref_path(where: str, value: list[Any], k: int) -> str:
+    """JSON path of entry ``k`` of a doc list: ``data[3].pos_doc[0].id`` or ``data[3].neg_doc[1]``."""
+    return f"{where}[{k}].id" if isinstance(value[k], dict) else f"{where}[{k}]"
 
 
 def _load_corpus_folder(
@@ -723,7 +771,7 @@ def _read_corpus_id(
     path: Path, name: str, on_bad_row: str, cache_dir: str | os.PathLike[str] | None
 ) -> RetrievalData:
     log = ProblemLog(on_bad_row)
-    doc, text = _read_json_document(path, name, log)
+    doc, lines = _read_json_document(path, name, log)
     if isinstance(doc, list):
         raise log.fatal(
             Problem(
@@ -791,14 +839,15 @@ def _read_corpus_id(
                 name, None, "corpus", "empty list", 'name at least one corpus folder: [{"path": "<folder>"}]'
             )
         )
-    lines = _offsets_to_lines(text, _record_offsets(text)) or [0] * len(doc["data"])
     known = ", ".join(sorted(by_id))
 
-    # Pass 1: structure of every record; document IDs are collected for one bulk lookup per corpus.
-    parsed: list[tuple[int, str, str, int, list[tuple[str, str]], list[tuple[str, str]]] | None] = []
+    # Pass 1: structure of every record. Document IDs go, in record order, into one list per corpus
+    # for a single bulk lookup; pass 2 consumes the answers in the same order.
+    parsed: list[tuple[int, int, str, str, int, list[str], list[str]]] = []
     seen_qids: dict[str, int] = {}
     wanted: list[list[str]] = [[] for _ in corpora]
-    for i, rec in enumerate(doc["data"]):
+    records = doc["data"]
+    for i, rec in enumerate(records):
         line = lines[i] if i < len(lines) else 0
         base = f"data[{i}]"
         bad: list[tuple[str, str, str]] = []
@@ -810,13 +859,12 @@ def _read_corpus_id(
                     'write {"question": ..., "pos_doc": [{"id": ...}]}',
                 )
             )
-            parsed.append(None)
             log.extend(Problem(name, line or None, f, w, x) for f, w, x in bad)
             log.skipped_rows += 1
             continue
         query, p = _query_text(rec, where=f"{base}.", preferred="question")
         if p:
-            bad.append(p if p[0].startswith(base) else (f"{base}.{p[0]}", p[1], p[2]))
+            bad.append(p)
         qid, qkey, p = _query_id(rec, ("question_id", "id", "query_id"))
         if p:
             bad.append((f"{base}.{p[0]}", p[1], p[2]))
@@ -854,30 +902,43 @@ def _read_corpus_id(
         if bad:
             log.extend(Problem(name, line or None, f, w, x) for f, w, x in bad)
             log.skipped_rows += 1
-            parsed.append(None)
             continue
         assert query is not None
-        parsed.append((line, qid if qid is not None else f"data-{i}", query, group, pos, neg))
-        wanted[group].extend(d for _, d in pos)
-        wanted[group].extend(d for _, d in neg)
+        parsed.append((i, line, qid if qid is not None else f"data-{i}", query, group, pos, neg))
+        wanted[group] += pos
+        wanted[group] += neg
 
-    # Pass 2: resolve IDs in bulk (Arrow hash lookup), then check every reference.
-    resolved: list[dict[str, int]] = []
-    for g, corpus in enumerate(corpora):
-        uniq = list(dict.fromkeys(wanted[g]))
-        resolved.append(dict(zip(uniq, corpus.indices_of(uniq).tolist())))
+    # Pass 2: resolve every ID with one Arrow hash lookup per corpus, then check each reference.
+    found = [corpus.indices_of(wanted[g]) for g, corpus in enumerate(corpora)]
+    del wanted
+    cursor = [0] * len(corpora)
     offsets = [0, *np.cumsum([len(c) for c in corpora]).tolist()]
     out = _Builder()
-    for item in parsed:
-        if item is None:
+    for i, line, qid, query, group, pos, neg in parsed:
+        n_refs = len(pos) + len(neg)
+        rows_all = found[group][cursor[group] : cursor[group] + n_refs]
+        cursor[group] += n_refs
+        if (rows_all >= 0).all() and not set(neg) & set(pos):
+            shift = offsets[group]
+            out.add(
+                qid,
+                query,
+                (rows_all[: len(pos)] + shift).tolist(),
+                (rows_all[len(pos) :] + shift).tolist(),
+                line,
+                group,
+            )
             continue
-        line, qid, query, group, pos, neg = item
+        # Something is wrong: build the messages (JSON paths) only now.
+        rec = records[i]
+        pos_ids = set(pos)
         bad = []
-        rows: dict[str, list[int]] = {"pos": [], "neg": []}
-        pos_ids = {d for _, d in pos}
-        for kind, refs in (("pos", pos), ("neg", neg)):
-            for where, d in refs:
-                r = resolved[group][d]
+        for kind, ids, r_rows in (
+            ("pos_doc", pos, rows_all[: len(pos)]),
+            ("neg_doc", neg, rows_all[len(pos) :]),
+        ):
+            for k, (d, r) in enumerate(zip(ids, r_rows.tolist())):
+                where = _ref_path(f"data[{i}].{kind}", rec[kind], k)
                 if r < 0:
                     bad.append(
                         (
@@ -886,17 +947,12 @@ def _read_corpus_id(
                             "check the id, or add that document to the corpus",
                         )
                     )
-                elif kind == "neg" and d in pos_ids:
+                elif kind == "neg_doc" and d in pos_ids:
                     bad.append(
                         (where, f"document {d!r} is also a positive of this record", "remove it from neg_doc")
                     )
-                else:
-                    rows[kind].append(r + offsets[group])
-        if bad:
-            log.extend(Problem(name, line or None, f, w, x) for f, w, x in bad)
-            log.skipped_rows += 1
-            continue
-        out.add(qid, query, rows["pos"], rows["neg"], line, group)
+        log.extend(Problem(name, line or None, f, w, x) for f, w, x in bad)
+        log.skipped_rows += 1
     if not out.queries and not log.total:
         log.add(Problem(name, None, "data", "no records", "add at least one record to data"))
     log.finish(name)
@@ -1119,9 +1175,14 @@ def _read_beir_training(
                     )
                 )
                 continue
-            refs, ps = _doc_refs(obj.get("neg_doc", obj.get("neg")), "neg_doc", required=True)
-            log.extend(Problem(neg_name, line_no, f, w, x) for f, w, x in ps)
-            neg_ids.setdefault(qid, []).extend((line_no, w, d) for w, d in refs)
+            raw_negs = obj.get("neg_doc", obj.get("neg"))
+            refs, ps = _doc_refs(raw_negs, "neg_doc", required=True)
+            if ps:
+                log.extend(Problem(neg_name, line_no, f, w, x) for f, w, x in ps)
+                continue
+            neg_ids.setdefault(qid, []).extend(
+                (line_no, _ref_path("neg_doc", raw_negs, k), d) for k, d in enumerate(refs)
+            )
     all_neg = [d for v in neg_ids.values() for _, _, d in v]
     neg_rows: dict[str, int] = {}
     if all_neg:
