@@ -98,13 +98,14 @@ def run(args: argparse.Namespace) -> int:
     """Load, evaluate, print the table, write the JSON and run files."""
     import json
     import sys
+    import warnings
     from pathlib import Path
 
     import torch
 
     from embedtune.errors import ConfigError
     from embedtune.eval.cache import default_cache_dir
-    from embedtune.eval.datasets import load_eval_set
+    from embedtune.eval.datasets import EvalDataWarning, load_eval_set
     from embedtune.eval.retrieval import run_evaluation, write_trec_run
     from embedtune.models.auto import AutoBiEncoder
 
@@ -113,9 +114,11 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
     # Read the data before loading the model: a bad file should fail in a second, not after the load.
-    eval_set = load_eval_set(
-        args.data, args.split, strict=args.strict, ignore_identical_ids=args.ignore_identical_ids
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EvalDataWarning)  # printed below, once, as one line each
+        eval_set = load_eval_set(
+            args.data, args.split, strict=args.strict, ignore_identical_ids=args.ignore_identical_ids
+        )
     for line in eval_set.warnings:
         print(f"embedtune eval: warning: {line}", file=sys.stderr)
     eval_set = eval_set.subset(args.max_queries, args.max_corpus, args.seed)

@@ -7,15 +7,15 @@
 * a **corpus-ID JSON** or **inline JSONL** training-format file: each query's positives are its
   relevant documents (relevance 1), searched among all documents of the file's corpus.
 
-Judgements that name unknown queries or documents are reported with counts (``EvalSet.warnings``, and
-the ``embedtune.eval`` logger) or, with ``strict=True``, raise ``DataError``. Unknown documents stay in
-the qrels, as trec_eval counts them: they are relevant but cannot be retrieved, so recall stays below 1.
+Judgements that name unknown queries or documents are skipped and reported with counts
+(``EvalSet.warnings`` and an ``EvalDataWarning``), or, with ``strict=True``, raise ``DataError`` naming
+each bad line. (trec_eval would keep a judged document that is missing from the corpus as relevant but
+unretrievable; we skip it, as the data readers do, and say so.)
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import random
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,7 +27,15 @@ import numpy as np
 
 from embedtune.errors import DataError
 
-logger = logging.getLogger("embedtune.eval")
+
+class EvalDataWarning(UserWarning):
+    """Judgements that name unknown queries or documents were skipped (``EvalSet.warnings`` lists them)."""
+
+
+def _warn(lines: Sequence[str]) -> None:
+    for line in lines:
+        warnings.warn(line, EvalDataWarning, stacklevel=4)
+
 
 #: BEIR data sets whose queries also appear in the corpus under the same ID; BEIR evaluates them with
 #: ``ignore_identical_ids`` so that a query does not retrieve itself.
@@ -171,13 +179,13 @@ def _check(
     if unknown_d:
         problems.append(
             f"{qrels_source}: {len(unknown_d)} of {len(doc_ids)} judged documents are not in the corpus "
-            f"(e.g. {unknown_d[:3]}); they count as relevant but cannot be retrieved"
+            f"(e.g. {unknown_d[:3]}); they are skipped"
         )
     if problems and strict:
         raise DataError("; ".join(problems) + " — fix the IDs, or drop --strict to evaluate anyway")
-    for p in problems:
-        logger.warning(p)
-    kept = {q: dict(j) for q, j in qrels.items() if q in queries}
+    _warn(problems)
+    missing = set(unknown_d)
+    kept = {q: {d: r for d, r in j.items() if d not in missing} for q, j in qrels.items() if q in queries}
     if not kept:
         raise DataError(
             f"{qrels_source}: no judged query is in the queries ({len(qrels)} judged, {len(queries)} queries) — "
@@ -299,8 +307,7 @@ def _load_beir(
             load_beir, p, split=split, on_bad_row="error" if strict else "skip", cache_dir=cache_dir
         )
     problems = _summarise_problems(beir.problems, len(beir.problems))
-    for line in problems:
-        logger.warning(line)
+    _warn(problems)
     name = p.name
     if ignore_identical_ids is None:
         ignore_identical_ids = any(name.lower().startswith(n) for n in IGNORE_IDENTICAL_IDS_DATASETS)
@@ -343,8 +350,7 @@ def _load_training_file(
             read_training_file, p, on_bad_row="error" if strict else "skip", cache_dir=cache_dir
         )
     problems = _summarise_problems(data.problems, data.problem_count)
-    for line in problems:
-        logger.warning(line)
+    _warn(problems)
     corpus = data.corpus
     ids = corpus.ids
     queries: dict[str, str] = {}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from embedtune.errors import DataError
-from embedtune.eval.datasets import eval_set_from_dicts, load_eval_set
+from embedtune.eval.datasets import EvalDataWarning, eval_set_from_dicts, load_eval_set
 from embedtune.eval.metrics import trec_order
 from embedtune.eval.retrieval import evaluate_retrieval, run_evaluation, write_trec_run
 
@@ -128,7 +128,8 @@ def test_unknown_ids_in_qrels_warn_with_counts_or_fail_when_strict(beir_folder, 
     root, *_ = beir_folder
     with open(root / "qrels" / "test.tsv", "a", newline="") as f:
         f.write("nosuchquery\td1\t1\r\nq0\tnosuchdoc\t1\r\nq1\tnosuchdoc2\t1\r\n")
-    es = load_eval_set(root, "test", cache_dir=tmp_path / "c")
+    with pytest.warns(EvalDataWarning):
+        es = load_eval_set(root, "test", cache_dir=tmp_path / "c")
     text = "\n".join(es.warnings)
     assert "skipped 1 line(s) with query-id" in text and "skipped 2 line(s) with corpus-id" in text
     assert "nosuchquery" not in es.qrels
@@ -147,7 +148,7 @@ def test_bad_paths_and_empty_corpus_raise_clear_errors(tmp_path, beir_folder):
         load_eval_set(root, "dev", cache_dir=tmp_path / "c")
     with pytest.raises(DataError, match="corpus is empty"):
         eval_set_from_dicts({}, {"q": "x"}, {"q": {"d": 1}}, cache_dir=tmp_path)
-    with pytest.raises(DataError, match="no judged query"):
+    with pytest.raises(DataError, match="no judged query"), pytest.warns(EvalDataWarning):
         eval_set_from_dicts({"d": "x"}, {"q": "x"}, {"other": {"d": 1}}, cache_dir=tmp_path)
 
 
@@ -186,3 +187,17 @@ def test_subset_keeps_relevant_documents_and_is_deterministic(tmp_path, make_eva
     assert list(again.corpus.ids) == list(sub.corpus.ids) and again.queries == sub.queries
     assert sub.corpus.fingerprint != es.corpus.fingerprint
     assert es.subset() is es
+
+
+def test_unknown_ids_in_dict_qrels_warn_then_are_skipped(tmp_path):
+    corpus = {"d1": "a", "d2": "b"}
+    queries = {"q1": "a", "q2": "b"}
+    qrels = {"q1": {"d1": 1, "nodoc": 1}, "q2": {"d2": 1}, "noq": {"d1": 1}}
+    with pytest.warns(EvalDataWarning) as record:
+        es = eval_set_from_dicts(corpus, queries, qrels, cache_dir=tmp_path)
+    messages = [str(r.message) for r in record]
+    assert any("1 of 3 judged queries" in m for m in messages)
+    assert any("1 of 3 judged documents" in m for m in messages)
+    assert es.qrels == {"q1": {"d1": 1}, "q2": {"d2": 1}} and len(es.warnings) == 2
+    with pytest.raises(DataError, match="nodoc"):
+        eval_set_from_dicts(corpus, queries, qrels, strict=True, cache_dir=tmp_path)
