@@ -709,7 +709,11 @@ class DistributedCheckpointer:
     def _options(full: bool = False) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        return StateDictOptions(ignore_frozen_params=True, full_state_dict=full, cpu_offload=full)
+        # Frozen parameters (LoRA's base) are neither saved nor expected back: strict=False. A trainable
+        # tensor missing from the checkpoint still fails, in dcp.load.
+        return StateDictOptions(
+            ignore_frozen_params=True, full_state_dict=full, cpu_offload=full, strict=False
+        )
 
     def _state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
@@ -778,7 +782,11 @@ class DistributedCheckpointer:
                 _write_bytes(folder / "scheduler.json", json.dumps(scheduler or {}).encode())
                 _write_bytes(folder / "trainer_state.json", json.dumps(state_dict, indent=1).encode())
             # Last: DCP writes .metadata only after every rank's shards are written (the commit marker).
-            dcp.save(self._state(model, optimizer), checkpoint_id=str(folder / _DCP))
+            dcp.save(
+                self._state(model, optimizer),
+                checkpoint_id=str(folder / _DCP),
+                no_dist=not dist.is_initialized(),
+            )
         except OSError as exc:
             previous = self.latest()
             raise CheckpointError(
@@ -866,7 +874,7 @@ class DistributedCheckpointer:
             )
         sd = self._state(model, optimizer)
         try:
-            dcp.load(sd, checkpoint_id=str(p / _DCP))
+            dcp.load(sd, checkpoint_id=str(p / _DCP), no_dist=not dist.is_initialized())
             rng = st_load((p / f"rank_{ctx.rank:05d}.safetensors").read_bytes())
             state = TrainState(**json.loads((p / "trainer_state.json").read_text()))
             scheduler = json.loads((p / "scheduler.json").read_text())

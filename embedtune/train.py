@@ -1,0 +1,48 @@
+"""``python -m embedtune.train RECIPE [key=value ...]``: the module every torchrun rank runs.
+
+``torchrun --nproc-per-node 2 -m embedtune.train recipe.yaml`` and
+``embedtune train recipe.yaml --nproc-per-node 2`` are the same run: the second builds the first (see
+:mod:`embedtune.launch`). Run without torchrun and without ``--nproc-per-node``, it trains in this one
+process, exactly like ``embedtune train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe, its overrides and the launch options (``--nproc-per-node``, ``--nnodes`` ...)."""
+    from embedtune.commands import train as train_command
+    from embedtune.launch import add_launch_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m embedtune.train", description=train_command.HELP)
+    train_command.add_arguments(parser)
+    if not any(a.dest == "nproc_per_node" for a in parser._actions):  # the command may add them itself
+        add_launch_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, launch through torchrun when asked, else train in this process; returns the exit status."""
+    from embedtune.errors import EmbedtuneError
+    from embedtune.launch import launch, launch_requested
+
+    args = build_parser().parse_args(argv)
+    try:
+        if launch_requested(args):
+            return launch([args.recipe, *args.overrides], args)
+        from embedtune.commands.train import run
+
+        return run(args)
+    except EmbedtuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
