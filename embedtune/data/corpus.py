@@ -248,7 +248,9 @@ class Corpus:
         on_bad_row: str = "error",
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> Corpus:
-        """Build a corpus from every ``*.jsonl`` and ``*.parquet`` file in a folder (``id``, ``text``).
+        """Build a corpus from every ``*.jsonl``, ``*.json`` (JSON Lines) and ``*.parquet`` file in a folder.
+
+        Each document has ``id`` and ``text``.
 
         This is the document part of a NeMo corpus folder (the one holding ``merlin_metadata.json``).
 
@@ -256,10 +258,14 @@ class Corpus:
             DataValidationError: when the folder has no document files or they have problems.
         """
         folder_p = Path(folder)
+        # What datasets.load_dataset(folder) would read: JSON Lines (.jsonl, or .json) and Parquet.
         files = sorted(
-            p for p in folder_p.iterdir() if p.is_file() and p.suffix in (".jsonl", ".parquet", ".json")
+            p
+            for p in folder_p.iterdir()
+            if p.is_file()
+            and p.suffix in (".jsonl", ".parquet", ".json")
+            and p.name != "merlin_metadata.json"
         )
-        files = [p for p in files if p.name != "merlin_metadata.json" and p.suffix != ".json"]
         if not files:
             raise DataValidationError(
                 [

@@ -253,10 +253,15 @@ class _Builder:
         self.neg_off = [0]
         self.lines: list[int] = []
         self.groups: list[int] = []
+        self.repeated = 0
 
     def add(
         self, qid: str, query: str, pos: Sequence[int], neg: Sequence[int], line: int, group: int
     ) -> None:
+        if len(set(pos)) != len(pos) or len(set(neg)) != len(neg):
+            # The same document twice in one list would be sampled twice; use it once (and say so).
+            self.repeated += 1
+            pos, neg = list(dict.fromkeys(pos)), list(dict.fromkeys(neg))
         self.query_ids.append(qid)
         self.queries.append(query)
         self.pos.extend(pos)
@@ -269,6 +274,15 @@ class _Builder:
     def build(
         self, source: str, fmt: str, corpus: AnyCorpus, instructions: list[Instructions], log: ProblemLog
     ) -> RetrievalData:
+        if self.repeated:
+            import warnings
+
+            warnings.warn(
+                f"{source}: {self.repeated} example(s) list the same document more than once in pos_doc or "
+                "neg_doc; each document is used once",
+                UserWarning,
+                stacklevel=4,
+            )
         return RetrievalData(
             source=source,
             format=fmt,

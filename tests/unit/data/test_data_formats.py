@@ -212,3 +212,30 @@ def test_examples_store_rows_not_texts(corpus_id_file: Path) -> None:
     data = read_training_file(corpus_id_file)
     assert data.pos_rows.dtype == np.int64 and data.neg_rows.dtype == np.int64
     assert data.neg_offsets[-1] == sum(len(n) for *_, n in EXAMPLES)
+
+
+def test_repeated_documents_in_a_list_are_used_once_with_a_warning(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {"query": "a", "pos_doc": "p", "neg_doc": ["n1", "n2", "n1"]},
+            {"query": "b", "pos_doc": ["p2", "p2"], "neg_doc": ["n3"]},
+            {"query": "c", "pos_doc": "p3", "neg_doc": ["n4"]},
+        ],
+    )
+    with pytest.warns(UserWarning, match="2 example"):
+        data = read_training_file(path)
+    assert [len(ex.negatives) for ex in data.examples] == [2, 1, 1]
+    assert [len(ex.positives) for ex in data.examples] == [1, 1, 1]
+
+
+def test_corpus_folder_json_lines_file(tmp_path: Path) -> None:
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "merlin_metadata.json").write_text(json.dumps({"class": "TextQADataset", "corpus_id": "c"}))
+    write_jsonl(folder / "docs.json", [{"id": "a", "text": "alpha"}])  # JSON Lines under .json, as HF writes
+    path = tmp_path / "t.json"
+    path.write_text(
+        json.dumps({"corpus": [{"path": "c"}], "data": [{"question": "q", "pos_doc": [{"id": "a"}]}]})
+    )
+    assert read_training_file(path).corpus.text(0) == "alpha"
