@@ -1,0 +1,206 @@
+"""Training throughput and memory: embedtune vs sentence-transformers on the same model, data and batch.
+
+Both sides fine-tune all-MiniLM-L6-v2 on the bundled scifact-mini training set (query, positive, one
+BM25 hard negative), with the same batch size, sequence lengths, precision, loss (in-batch + hard
+negatives, scale 20 = temperature 0.05), optimizer (AdamW, same lr) and thread count:
+
+* ``st``      sentence-transformers ``MultipleNegativesRankingLoss`` (the trainer's compute_loss step)
+* ``et``      embedtune's recipe step (InfoNCE with in-batch + hard negatives, ID masking on)
+* ``st-gc``   sentence-transformers ``CachedMultipleNegativesRankingLoss`` (GradCache), mini-batch C
+* ``et-gc``   embedtune with ``gradcache: {enabled: true, chunk_size: C}``
+
+Each configuration runs in its own subprocess so that peak RSS (``ru_maxrss``) is its own; every step
+includes tokenisation, forward, backward and the optimizer step. Run::
+
+    .venv/bin/python benchmarks/train_throughput.py                 # fp32, batch 32, 128-token passages
+    .venv/bin/python benchmarks/train_throughput.py --bf16 --steps 8
+
+and it prints a table with examples/s and peak RSS, and their ratios to sentence-transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data" / "scifact-mini" / "train.json"
+TEMPERATURE = 0.05
+LR = 2e-5
+
+
+def _examples(n: int) -> list[tuple[str, str, str]]:
+    """The first ``n`` (query, positive, hard negative) triples, read through embedtune's data layer."""
+    from embedtune.data.config import DataConfig
+    from embedtune.data.dataset import TrainDataset
+
+    ds = TrainDataset.from_config(DataConfig(datasets=[{"path": str(DATA)}], n_passages=2), seed=0)
+    items = [ds[i] for i in range(n)]
+    return [(it.query, it.passages[0], it.passages[1]) for it in items]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """Run one configuration; returns timings and peak RSS."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    triples = _examples(args.batch * (args.steps + 1))
+    batches = [triples[i * args.batch : (i + 1) * args.batch] for i in range(args.steps + 1)]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+    from embedtune.models import zoo
+
+    minilm = str(zoo.resolve("minilm"))
+
+    if args.worker.startswith("st"):
+        from sentence_transformers import SentenceTransformer, losses
+
+        model = SentenceTransformer(minilm, device="cpu")
+        model.max_seq_length = args.p_max_len
+        if args.worker == "st":
+            loss_fn = losses.MultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE)
+        else:
+            loss_fn = losses.CachedMultipleNegativesRankingLoss(
+                model, scale=1 / TEMPERATURE, mini_batch_size=args.chunk, show_progress_bar=False
+            )
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+
+        def step(batch: list[tuple[str, str, str]]) -> float:
+            cols = list(zip(*batch))
+            features = [model.tokenize(list(c)) for c in cols]
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = loss_fn(features, None)
+            loss.backward()  # CachedMNRL re-encodes chunk by chunk inside this call (a backward hook)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            return float(loss)
+
+    else:
+        from embedtune.config import load_config
+        from embedtune.training.config import TrainConfig
+        from embedtune.training.recipe import BiEncoderRecipe
+
+        cfg = load_config(
+            TrainConfig,
+            {
+                "output_dir": str(Path(args.tmp) / args.worker),
+                "model": {"name_or_path": "minilm"},
+                "data": {
+                    "datasets": [{"path": str(DATA)}],
+                    "n_passages": 2,
+                    "q_max_len": args.p_max_len,
+                    "p_max_len": args.p_max_len,
+                    "pad_to_multiple_of": None,
+                },
+                "loss": {"temperature": TEMPERATURE},
+                "optimizer": {"lr": LR, "weight_decay": 0.0},
+                "step_scheduler": {"global_batch_size": args.batch, "max_steps": args.steps + 1},
+                "gradcache": {"enabled": args.worker == "et-gc", "chunk_size": args.chunk},
+                "bf16": args.bf16,
+                "logging": {"progress_bar": False, "tensorboard": False, "plot": False},
+            },
+        )
+        recipe = BiEncoderRecipe(cfg)
+        recipe.setup()
+        from embedtune.data.corpus import text_hash
+        from embedtune.data.dataset import TrainItem
+
+        def step(batch: list[tuple[str, str, str]]) -> float:
+            items = [
+                TrainItem(q, (p, n), (text_hash(p), text_hash(n)), None, None, 0, i)
+                for i, (q, p, n) in enumerate(batch)
+            ]
+            loss, _ = recipe._train_step(recipe.data.collator(items))
+            return loss
+
+    step(batches[0])  # warm-up (allocator, lazy inits) is not timed
+    t0 = time.perf_counter()
+    losses_ = [step(b) for b in batches[1:]]
+    elapsed = time.perf_counter() - t0
+    return {
+        "worker": args.worker,
+        "examples_per_s": args.batch * args.steps / elapsed,
+        "s_per_step": elapsed / args.steps,
+        "peak_rss_mb": _peak_rss_mb(),
+        "first_loss": losses_[0],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--batch", type=int, default=32, help="queries per step (each with positive + 1 negative)"
+    )
+    ap.add_argument("--p-max-len", type=int, default=128, help="max tokens per text (queries and passages)")
+    ap.add_argument("--chunk", type=int, default=8, help="GradCache chunk / CachedMNRL mini_batch_size")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
+    ap.add_argument("--only", nargs="*", default=["st", "et", "st-gc", "et-gc"], help="configurations to run")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", default="/tmp/embedtune-bench", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    results = {}
+    for name in args.only:
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            name,
+            "--batch",
+            str(args.batch),
+            "--p-max-len",
+            str(args.p_max_len),
+            "--chunk",
+            str(args.chunk),
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+            "--tmp",
+            args.tmp,
+        ] + (["--bf16"] if args.bf16 else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+        if out.returncode != 0:
+            print(out.stderr[-3000:], file=sys.stderr)
+            return 1
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  {name}: {results[name]['examples_per_s']:.2f} ex/s", file=sys.stderr, flush=True)
+
+    prec = "bf16 autocast" if args.bf16 else "fp32"
+    print(
+        f"\nall-MiniLM-L6-v2, scifact-mini, batch {args.batch} x (query + positive + 1 hard negative), "
+        f"max {args.p_max_len} tokens, {prec}, {args.threads} threads, {args.steps} timed steps"
+    )
+    print(
+        f"{'config':8} {'examples/s':>11} {'s/step':>8} {'peak RSS MB':>12} {'speed vs ST':>12} {'RSS vs ST':>10}"
+    )
+    for name, r in results.items():
+        base = results.get("st-gc" if name.endswith("-gc") else "st")
+        speed = f"{r['examples_per_s'] / base['examples_per_s']:.2f}x" if base else "-"
+        rss = f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
+        print(
+            f"{name:8} {r['examples_per_s']:11.2f} {r['s_per_step']:8.2f} {r['peak_rss_mb']:12.0f} {speed:>12} {rss:>10}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
