@@ -146,6 +146,14 @@ class Corpus:
         self._chunk_starts = [0, *np.cumsum([len(c) for c in self._text_chunks]).tolist()]
         self.ids: Sequence[str] = _IdView(self._table.column("id"))
 
+    # Pickle as the cache folder, not the data: DataLoader workers started with "spawn" reopen the
+    # memory map instead of receiving a copy of a corpus that may be gigabytes.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"directory": str(self.directory)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"])  # type: ignore[misc]
+
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
         return self._table.num_rows
@@ -343,12 +351,18 @@ class Corpus:
 
 
 def _open_cached(cache_dir: str | os.PathLike[str] | None, key: str) -> Corpus | None:
-    target = Path(cache_dir or default_cache_dir()) / f"corpus-{key}"
-    if (target / "meta.json").exists():
-        try:
-            return Corpus(target)
-        except Exception:  # a cache from another version or a crashed writer: rebuild it
-            shutil.rmtree(target, ignore_errors=True)
+    roots = (
+        [Path(cache_dir)]
+        if cache_dir
+        else [default_cache_dir(), Path(tempfile.gettempdir()) / "embedtune-corpora"]
+    )
+    for root in roots:
+        target = root / f"corpus-{key}"
+        if (target / "meta.json").exists():
+            try:
+                return Corpus(target)
+            except Exception:  # a cache from another version or a crashed writer: rebuild it
+                shutil.rmtree(target, ignore_errors=True)
     return None
 
 
@@ -369,11 +383,19 @@ class CorpusWriter:
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.root = Path(cache_dir or default_cache_dir())
-        self.target = self.root / f"corpus-{key}"
         self.sources = sources
         self.fingerprint = fingerprint
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"tmp-{uuid.uuid4().hex[:8]}-", dir=self.root))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f"tmp-{uuid.uuid4().hex[:8]}-", dir=self.root))
+        except OSError:
+            if cache_dir is not None:
+                raise
+            # A read-only home (containers, CI): the default cache moves to the temp folder.
+            self.root = Path(tempfile.gettempdir()) / "embedtune-corpora"
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f"tmp-{uuid.uuid4().hex[:8]}-", dir=self.root))
+        self.target = self.root / f"corpus-{key}"
         self._sink = pa.OSFile(str(self.tmp / "docs.arrow"), "wb")
         self._writer = ipc.new_file(self._sink, _SCHEMA)
         self._ids: list[str] = []

@@ -108,3 +108,24 @@ def test_cache_folder_is_complete_after_a_build(tmp_path: Path) -> None:
     assert {"docs.arrow", "sorted_ids.arrow", "order.npy", "lines.npy", "meta.json"} <= names
     # No half-written temporary folders are left beside it.
     assert not [p for p in c.directory.parent.iterdir() if p.name.startswith("tmp-")]
+
+
+def test_pickles_as_its_cache_folder(tmp_path: Path) -> None:
+    import pickle
+
+    c = Corpus.from_jsonl(_beir_corpus(tmp_path), id_field="_id")
+    blob = pickle.dumps(c)
+    assert len(blob) < 1000  # the folder name, not the documents
+    again = pickle.loads(blob)
+    assert len(again) == len(c) and again.text(123) == c.text(123) and again.index_of("doc7") == 7
+
+
+def test_read_only_default_cache_falls_back_to_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    monkeypatch.setenv("EMBEDTUNE_CACHE_DIR", str(blocked))  # mkdir under a file fails
+    c = Corpus.from_texts(["only text in a fallback cache " + str(tmp_path)])
+    assert c.text(0).startswith("only text") and not str(c.directory).startswith(str(blocked))
+    import shutil
+
+    shutil.rmtree(c.directory)  # it lives in the shared temp folder: leave nothing behind
