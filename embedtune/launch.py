@@ -160,6 +160,7 @@ def launch(
         args: parsed options from :func:`add_launch_arguments`.
         entry: what each rank runs (default ``-m embedtune.train``).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -176,6 +177,10 @@ def launch(
     print("embedtune: torchrun " + " ".join(argv), flush=True)
     try:
         run(parse_args(argv))
+    except SignalException as exc:
+        # The launcher itself was signalled (preemption, Ctrl+C): torchrun forwarded the signal to every
+        # rank and waited up to --shutdown-timeout for them to checkpoint and exit.
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         codes = [f.exitcode for f in exc.failures.values()]
         # A SIGTERM stop: the ranks exit 143 after saving; a rank still closing when torchrun reaps the
