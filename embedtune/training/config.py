@@ -231,6 +231,12 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm: must be > 0 or null, got {self.max_grad_norm}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads: must be >= 1, got {self.num_threads}")
+        sched = self.step_scheduler
+        if self.gradcache.enabled and sched.local_batch_size not in (None, sched.global_batch_size):
+            raise ConfigError(
+                "step_scheduler.local_batch_size: with gradcache.enabled the whole global batch is one loss; "
+                "remove local_batch_size (gradcache.chunk_size bounds the memory)"
+            )
         if self.loss.matryoshka_dims and self.loss.matryoshka_dims != sorted(
             self.loss.matryoshka_dims, reverse=True
         ):

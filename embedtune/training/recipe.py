@@ -372,6 +372,7 @@ class BiEncoderRecipe:
         """Run validation, save the best checkpoint; returns True when early stopping triggers."""
         st, validator = self.state, self.validator
         metric = self.cfg.validation.metric
+        self.monitor.message(f"step {st.step}: validating on {self.cfg.validation.data} ...")
         metrics = validator.run(self._inference_model(), st.step)
         st.extra["validator"] = validator.state_dict()
         st.best_metric, st.best_step = validator.best_value, validator.best_step

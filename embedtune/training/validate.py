@@ -89,11 +89,6 @@ def check_recipe(cfg: TrainConfig, *, check_files: bool = True) -> list[str]:
             else f", {sched.global_batch_size // sched.micro_batch_size} micro-batch(es) of {sched.micro_batch_size}"
         )
     )
-    if cfg.gradcache.enabled and sched.local_batch_size not in (None, sched.global_batch_size):
-        raise ConfigError(
-            "step_scheduler.local_batch_size: with gradcache.enabled the whole global batch is one loss; "
-            "remove local_batch_size (gradcache.chunk_size bounds the memory)"
-        )
     if cfg.loss.matryoshka_dims and cfg.model.pooling is None:
         notes.append("loss: Matryoshka dimensions are checked against the embedding size at load")
     if check_files:

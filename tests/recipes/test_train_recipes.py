@@ -60,6 +60,7 @@ def test_shipped_recipe_trains_two_steps_on_a_tiny_model(name, tmp_path, monkeyp
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
     assert (out / "model" / "config.json").is_file()
+    assert (out / "loss.png").stat().st_size > 0
     if load_train_config(name).peft is not None:
         assert (out / "adapter" / "adapter_config.json").is_file()
     if name.endswith("_demo"):
@@ -94,3 +95,8 @@ def test_saved_model_loads_and_differs_from_the_base(tmp_path, monkeypatch):
     base = AutoBiEncoder.from_pretrained("tiny-bert").encode(texts, convert_to_numpy=False)
     tuned = AutoBiEncoder.from_pretrained(out / "model").encode(texts, convert_to_numpy=False)
     assert not torch.allclose(base, tuned)
+    # The final model loads unchanged in sentence-transformers and gives the same embeddings.
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(out / "model"), device="cpu").encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(st, tuned, rtol=1e-4, atol=1e-5)
