@@ -47,6 +47,7 @@ from embedtune.export.verify import (
     SmallEvalSet,
     compare,
     embed_batches,
+    preserved_modes,
     retrieval_ndcg,
     verification_batches,
 )
@@ -207,6 +208,8 @@ def _torch_export(
             )
     except Exception as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # Exporter messages can carry a whole graph dump after the first sentence.
+        text = text.split(" [Caused by")[0][:300]
         if (
             "opset" in str(exc).lower()
             or "not supported" in str(exc).lower()
@@ -365,9 +368,11 @@ def export_onnx(
         fp32_dir.mkdir()
         fp32_path = fp32_dir / ONNX_FILE
         t0 = time.perf_counter()
-        with torch.no_grad():
+        # The exporter restores the wrapper's train/eval mode on the whole tree afterwards: a fresh
+        # wrapper is in train mode and would switch the caller's model to training (dropout on).
+        with preserved_modes(bienc), torch.no_grad():
             _torch_export(
-                EmbeddingGraph(bienc, with_pooling_mask=with_pooling_mask),
+                EmbeddingGraph(bienc, with_pooling_mask=with_pooling_mask).eval(),
                 _trace_inputs(bienc, with_pooling_mask),
                 fp32_path,
                 opset,

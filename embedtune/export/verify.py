@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -136,10 +137,9 @@ def embed_batches(encoder: Callable[..., Any], batches: Sequence[Batch]) -> list
     if is_torch:
         import torch
 
-        was_training = encoder.training
-        encoder.eval()
         device = next(encoder.parameters()).device
-        try:
+        with preserved_modes(encoder):
+            encoder.eval()
             with torch.inference_mode():
                 for b in batches:
                     emb = encoder(
@@ -148,14 +148,27 @@ def embed_batches(encoder: Callable[..., Any], batches: Sequence[Batch]) -> list
                         torch.from_numpy(b.pooling_mask).to(device),
                     )
                     outputs.append(emb.float().cpu().numpy())
-        finally:
-            encoder.train(was_training)
     else:
         for b in batches:
             outputs.append(
                 np.asarray(encoder(b.input_ids, b.attention_mask, b.pooling_mask), dtype=np.float32)
             )
     return outputs
+
+
+@contextmanager
+def preserved_modes(module: Any) -> Iterator[None]:
+    """Restore every submodule's train/eval flag on exit.
+
+    ``module.train(was_training)`` is not enough: a freshly built ``BiEncoder`` is in train mode while
+    its loaded backbone is in eval mode, and ``train(True)`` would switch the backbone's dropout on.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _is_torch_module(obj: Any) -> bool:
