@@ -11,6 +11,7 @@ negatives each), then measures, each phase in a fresh subprocess (so peak RSS is
 * ``full load + validation``: ``read_training_file`` (cached corpus): parses and checks every query
   record, resolves and checks every document reference.
 * ``random access``: 100,000 ``corpus.text(i)`` and 10,000 ``index_of(id)`` on the mapped corpus.
+* ``inline JSONL load``: the same number of queries as inline JSONL with 5 passages of text each.
 * ``one bad line``: the corpus with a number as ``text`` on its last line: time to the exact
   ``file:line: text`` error (worst case: the fast Arrow reader gives up and the line-by-line reader
   reads the whole file again to name the line).
@@ -73,6 +74,20 @@ def generate(root: Path, size: int, seed: int = 0) -> tuple[Path, Path]:
             }
             f.write(("," if q else "") + json.dumps(rec) + "\n")
         f.write("]}\n")
+    # The same number of queries as inline JSONL: 5 passages of text per line (fresh random text).
+    with open(root / "inline.jsonl", "w", encoding="utf-8") as f:
+        for start in range(0, n_q, 10_000):
+            n = min(10_000, n_q - start)
+            words = vocab[rng.integers(0, len(vocab), size=(n, 5, WORDS_PER_DOC))]
+            for i in range(n):
+                passages = [" ".join(p) for p in words[i]]
+                rec = {
+                    "question_id": f"q{start + i}",
+                    "query": passages[0][:60],
+                    "pos_doc": passages[0],
+                    "neg_doc": passages[1:],
+                }
+                f.write(json.dumps(rec) + "\n")
     return train, docs
 
 
@@ -100,6 +115,11 @@ def _phase(name: str, train: str, docs: str, cache: str) -> dict:
         data = read_training_file(train, cache_dir=cache)
         out["rows"] = len(data.corpus)
         out["queries"] = len(data)
+    elif name == "inline JSONL load":
+        from embedtune.data.formats import read_training_file
+
+        data = read_training_file(Path(train).parent / "inline.jsonl", cache_dir=cache)
+        out["rows"] = len(data.corpus)
     elif name == "random access":
         from embedtune.data.formats import read_training_file
 
@@ -164,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             "corpus: open cached",
             "full load + validation",
             "random access",
+            "inline JSONL load",
         ):
             rows.append((name, run_phase(name, train, docs, cache)))
         # A wrong type on the last line: the fast reader gives up, the slow one must name that line.
@@ -181,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             "corpus: open cached": "memory-map the cache (what every later run does)",
             "full load + validation": "read_training_file: corpus + parse and check all queries and references",
             "random access": "100,000 corpus.text(i) + 10,000 index_of(id)",
+            "inline JSONL load": "the queries as inline JSONL, 5 passages of text each: validate, dedupe, write Arrow",
             "one bad line": "",
         }
         for name, r in rows:

@@ -473,3 +473,9 @@ def test_random_corruption_raises_only_our_error(target: str, ops: list[tuple[st
                     assert ex.positives and all(
                         0 <= r < len(data.corpus) for r in ex.positives + ex.negatives
                     )
+
+
+def test_empty_data_list_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    path, _, _ = _setup(tmp_path, "cid", '{"corpus": [{"path": "wiki"}], "data": []}')
+    with pytest.raises(DataValidationError, match="data: no records"):
+        read_training_file(path)
