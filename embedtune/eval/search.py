@@ -122,17 +122,20 @@ def _topk_with_ties(
     embeddings, so only the rows that have one are re-ranked with a full stable sort.
     """
     k = min(k, scores.shape[1])
-    top_s, pos = torch.topk(scores, k, dim=1)  # (rows, k), sorted descending
+    # One more than k: when the (k+1)-th score is strictly below the k-th, nothing left out ties with the
+    # k-th score. Cheaper than comparing the whole row with it.
+    kk = min(k + 1, scores.shape[1])
+    top_s, pos = torch.topk(scores, kk, dim=1)  # (rows, kk), sorted descending
+    if kk > k:
+        boundary_tie = top_s[:, k] == top_s[:, k - 1]
+        top_s, pos = top_s[:, :k].contiguous(), pos[:, :k]
+    else:
+        boundary_tie = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
     top_i = torch.gather(indices, 1, pos)
     kth = top_s[:, -1:]  # (rows, 1)
-    # Rows where some value equal to the k-th score was left out, or the top-k contains ties at all
-    # (their order inside the top-k must also follow the priority).
-    n_eq_all = (scores == kth).sum(1)
-    n_eq_top = (top_s == kth).sum(1)
-    has_inner_tie = (
-        (top_s[:, 1:] == top_s[:, :-1]).any(1) if k > 1 else torch.zeros_like(n_eq_all, dtype=torch.bool)
-    )
-    fix = (n_eq_all != n_eq_top) | has_inner_tie
+    # Ties inside the top-k must also follow the priority.
+    inner_tie = (top_s[:, 1:] == top_s[:, :-1]).any(1) if k > 1 else torch.zeros_like(boundary_tie)
+    fix = boundary_tie | inner_tie
     for r in torch.nonzero(fix).flatten().tolist():
         s_row, i_row = scores[r], indices[r]
         keep = s_row >= kth[r]  # everything that could be in the top-k

