@@ -113,8 +113,9 @@ class StepSchedulerConfig:
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides ``num_epochs`` for the LR schedule too)."""
     max_time_minutes: float | None = None
-    """Stop once training has run this long (checked after each step; a checkpoint and the final model
-    are still saved). The LR schedule still follows ``max_steps``/``num_epochs``."""
+    """Wall-time budget of the training loop, validations included: training stops before a step (plus
+    a final validation as long as the last one) would overshoot it; a checkpoint and the final model are
+    still saved. The LR schedule still follows ``max_steps``/``num_epochs``."""
     ckpt_every_steps: int | None = None
     """Save a resumable checkpoint every this many steps (and at the end); null: only at the end."""
     log_every_steps: int = 1

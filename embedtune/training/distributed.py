@@ -45,6 +45,7 @@ __all__ = [
     "DistributedCheckpointer",
     "DistributedConfig",
     "DistributedError",
+    "ForwardingDDP",
     "agree_on_signal",
     "all_gather_sizes",
     "barrier",
@@ -481,6 +482,20 @@ def cross_rank_loss(
 # ==================================================================================================
 # DDP / FSDP2
 # ==================================================================================================
+class ForwardingDDP(nn.parallel.DistributedDataParallel):
+    """``DistributedDataParallel`` that also answers the wrapped module's own attributes.
+
+    A recipe can keep calling ``model.settings``, ``model.tokenizer`` or ``model.encode(...)`` on the
+    wrapped model; only ``model(...)`` (and ``parameters()``/``state_dict()``) goes through DDP.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module under a DDP wrapper (FSDP2 shards in place, so it needs no unwrapping)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -543,7 +558,7 @@ def wrap_model(
             if "forward_sync_buffers" in params
             else {"broadcast_buffers": False}
         )
-        return nn.parallel.DistributedDataParallel(
+        return ForwardingDDP(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, **no_sync
         )
     if strategy == "fsdp2":

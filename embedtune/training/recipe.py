@@ -113,6 +113,7 @@ class BiEncoderRecipe:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self._stop_signal: int | None = None
+        self._last_validation_s = 0.0
 
     # ============================================================================================ setup
     def setup(self) -> None:
@@ -224,9 +225,11 @@ class BiEncoderRecipe:
         cfg, st = self.cfg, self.state
         sched = cfg.step_scheduler
         reason = "max_steps" if sched.max_steps else "epochs"
+        # The time budget covers the loop *and* its validations, so that a job with a before/after
+        # evaluation (the demo) fits its budget: the last evaluation's duration is kept in reserve.
+        t_start = time.perf_counter() - st.elapsed_s
         if self.validator is not None and self.validator.should_run(0) and st.step == 0:
             self._validate()
-        t_start = time.perf_counter() - st.elapsed_s
         with self._signals_to_flag():
             while st.step < self.total_steps:
                 t0 = time.perf_counter()
@@ -252,8 +255,10 @@ class BiEncoderRecipe:
                     )
                 # Stop *before* the budget runs out: would one more step of this length overshoot it?
                 step_s = time.perf_counter() - t0
+                reserve = self._last_validation_s if self.validator is not None else 0.0
                 out_of_time = (
-                    sched.max_time_minutes is not None and st.elapsed_s + step_s > 60 * sched.max_time_minutes
+                    sched.max_time_minutes is not None
+                    and st.elapsed_s + step_s + reserve > 60 * sched.max_time_minutes
                 )
                 last = st.step == self.total_steps or out_of_time
                 early = bool(
@@ -373,7 +378,9 @@ class BiEncoderRecipe:
         st, validator = self.state, self.validator
         metric = self.cfg.validation.metric
         self.monitor.message(f"step {st.step}: validating on {self.cfg.validation.data} ...")
+        t0 = time.perf_counter()
         metrics = validator.run(self._inference_model(), st.step)
+        self._last_validation_s = time.perf_counter() - t0
         st.extra["validator"] = validator.state_dict()
         st.best_metric, st.best_step = validator.best_value, validator.best_step
         self.monitor.log({"step": st.step, **{f"val/{k}": v for k, v in metrics.items()}})

@@ -119,3 +119,56 @@ def test_gradcache_step_equals_plain_step_on_a_real_model(tmp_path, pool_instruc
     finally:
         plain.cleanup()
         cached.cleanup()
+
+
+def test_time_budget_stops_early_and_still_saves(tmp_path):
+    r = _recipe(tmp_path, step_scheduler={"max_time_minutes": 1e-4})
+    try:
+        result = r.train()
+    finally:
+        r.cleanup()
+    assert result.exit_code == 0 and result.stop_reason == "time_budget"
+    assert result.state.step == 1  # one step always runs; the next would overshoot the budget
+    assert (result.model_dir / "config.json").is_file()
+    assert r.ckpt.latest().name == "step_00000001"
+
+
+def test_validation_keeps_the_best_checkpoint_and_stops_early(tmp_path, monkeypatch):
+    """Scripted metrics: best at step 2, then two worse evaluations -> stop at step 4, final = step 2."""
+    from types import SimpleNamespace
+
+    import embedtune.eval.validator as validator_mod
+
+    script = iter([0.1, 0.5, 0.6, 0.4, 0.3, 0.9])
+    monkeypatch.setattr(
+        validator_mod,
+        "run_evaluation",
+        lambda *a, **k: SimpleNamespace(metrics={"ndcg@10": next(script), "recall@10": 0.0}),
+    )
+    monkeypatch.setattr(validator_mod.Validator, "eval_set", property(lambda self: None))
+    data = tmp_path / "pairs.jsonl"
+    validation = {"data": str(data), "every_n_steps": 1, "eval_at_start": True, "early_stopping_patience": 2}
+    r = _recipe(tmp_path, validation=validation, optimizer={"lr": 1e-2})
+    snapshots = {}
+    real_step = r._train_step
+
+    def step_and_snapshot(batch):
+        out = real_step(batch)
+        snapshots[r.state.step + 1] = _params(r)
+        return out
+
+    r._train_step = step_and_snapshot
+    try:
+        result = r.train()
+    finally:
+        r.cleanup()
+    assert result.stop_reason == "early_stopping" and result.state.step == 4
+    assert r.ckpt.best().name == "step_00000002"
+    assert r.state.best_step == 2 and r.state.best_metric == 0.6
+    # The final model holds the best step's weights, not the last step's.
+    from embedtune.models import AutoBiEncoder
+
+    final = AutoBiEncoder.from_pretrained(result.model_dir)
+    got = dict(final.named_parameters())
+    for name, value in snapshots[2].items():
+        assert torch.equal(got[name], value), name
