@@ -115,3 +115,25 @@ def test_faiss_flat_matches_exact_search():
     assert torch.equal(i1, i2)
     torch.testing.assert_close(s1, s2, rtol=0, atol=1e-5)
     assert all(r not in i1[r].tolist() for r in range(20))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_search_equals_cpu_search():
+    g = torch.Generator().manual_seed(3)
+    # Integer embeddings: exact products on both devices, many ties.
+    q = torch.randint(-2, 3, (300, 8), generator=g).float()
+    c = torch.randint(-2, 3, (5000, 8), generator=g).float()
+    priority = torch.randperm(5000, generator=g)
+    exclude = torch.randint(-1, 5000, (300,), generator=g)
+    cpu = exact_search(q, c, 50, exclude=exclude, tie_priority=priority, corpus_block=700)
+    gpu = exact_search(q, c, 50, exclude=exclude, tie_priority=priority, corpus_block=700, device="cuda")
+    assert gpu[0].device.type == "cpu"  # results come back on the CPU
+    assert torch.equal(cpu[1], gpu[1]) and torch.equal(cpu[0], gpu[0])
+    # Float embeddings from a memmap-like numpy array: same top-k indices.
+    qf = torch.nn.functional.normalize(torch.randn(64, 32, generator=g), dim=-1)
+    cf = torch.nn.functional.normalize(torch.randn(20000, 32, generator=g), dim=-1).numpy()
+    s1, i1 = exact_search(qf, cf, 20)
+    s2, i2 = exact_search(qf, cf, 20, device="cuda")
+    # GPU and CPU sums round differently in the last bit: near-equal neighbours may swap, scores may not.
+    torch.testing.assert_close(s1, s2, rtol=0, atol=1e-5)
+    assert (i1 == i2).float().mean() > 0.99
