@@ -1,5 +1,8 @@
 """``embedtune validate-data PATH...``: check training data completely and print what it holds.
 
+``PATH`` is a data file, a BEIR folder, or a training recipe (``.yaml``), whose ``data.datasets`` are
+checked with the recipe's own settings (format, split, mined negatives, ``n_passages``).
+
 Reads every file the way training would (inline JSONL, corpus-ID JSON with its corpus folders, BEIR),
 reports every problem as ``file:line: field: what — fix`` and prints counts: queries, documents,
 positives and negatives per query (histogram), and token-length percentiles of a sample. Exits 1 when
@@ -17,7 +20,12 @@ HELP = "check training data (inline JSONL, corpus-ID JSON, BEIR) and print stati
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``embedtune validate-data``."""
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="data file(s) or BEIR folder(s)")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="data file(s), BEIR folder(s), or a training recipe (.yaml: checks its data.datasets)",
+    )
     parser.add_argument(
         "--format",
         choices=("inline", "corpus_id", "beir"),
@@ -56,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     tokenizer = _load_tokenizer(args.tokenizer)
     any_problem = False
-    for path in args.paths:
+    for path, fmt, split, negatives, n_passages in _targets(args):
         print(f"{path}")
         try:
             with warnings.catch_warnings():
@@ -64,10 +72,10 @@ def run(args: argparse.Namespace) -> int:
                 warnings.simplefilter("ignore")
                 data = read_training_file(
                     path,
-                    args.format,
+                    fmt,
                     "skip",
-                    split=args.split,
-                    negatives=args.negatives,
+                    split=split,
+                    negatives=negatives,
                     cache_dir=args.cache_dir,
                 )
         except DataValidationError as exc:
@@ -75,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             _print_problems(exc.problems, exc.total)
             any_problem = True
             continue
-        _print_stats(data, tokenizer, args.sample, args.n_passages)
+        _print_stats(data, tokenizer, args.sample, n_passages)
         problems = list(data.problems)
         total = data.problem_count
         corpus_problems = _corpus_problems(data)
@@ -84,6 +92,30 @@ def run(args: argparse.Namespace) -> int:
         _print_problems(problems, total)
         any_problem = any_problem or total > 0
     return 1 if any_problem else 0
+
+
+def _targets(args: argparse.Namespace) -> list[tuple[str, str | None, str, str | None, int | None]]:
+    """(path, format, split, negatives, n_passages) to check: the paths given, or a recipe's data sets."""
+    out: list[tuple[str, str | None, str, str | None, int | None]] = []
+    for path in args.paths:
+        if path.endswith((".yaml", ".yml")):
+            # A training recipe: check exactly the data sets (and settings) training would read.
+            from embedtune.config import load_config, read_yaml
+            from embedtune.data.config import DataConfig
+            from embedtune.errors import ConfigError
+
+            recipe = read_yaml(path)
+            if not isinstance(recipe.get("data"), dict):
+                raise ConfigError(f"{path}: data: missing — a recipe needs a data: block with datasets")
+            try:
+                cfg = load_config(DataConfig, recipe["data"])
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: data.{exc}") from None
+            n = args.n_passages if args.n_passages is not None else cfg.n_passages
+            out += [(d.path, d.format, d.split, d.negatives, n) for d in cfg.datasets]
+        else:
+            out.append((path, args.format, args.split, args.negatives, args.n_passages))
+    return out
 
 
 def _corpus_problems(data: Any) -> list[Any]:

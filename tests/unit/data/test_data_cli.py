@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import EXAMPLES, write_jsonl
 
 from embedtune.cli import main
 
@@ -59,3 +59,27 @@ def test_token_percentiles(inline_file: Path, capsys: pytest.CaptureFixture[str]
     q = out.split("query tokens")[1].split("\n")[0]
     p50, p90, p99, mx = (int(x.split()[-1]) for x in q.split("(")[0].split(","))
     assert 2 < p50 <= p90 <= p99 <= mx
+
+
+def test_recipe_checks_its_datasets_with_its_settings(
+    inline_file: Path, corpus_id_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model:\n  name_or_path: tiny-llama\ndata:\n  datasets:\n    - path: {inline_file}\n"
+        f"    - path: {corpus_id_file}\n  n_passages: 5\n"
+    )
+    assert main(["validate-data", str(recipe), "--tokenizer", "none"]) == 0
+    out = capsys.readouterr().out
+    assert str(inline_file) in out and str(corpus_id_file) in out
+    short = sum(len(neg) < 4 for *_, neg in EXAMPLES)
+    assert out.count(f"short of n_passages=5: {short} examples") == 2  # the recipe's n_passages is used
+
+
+def test_recipe_with_a_bad_data_block_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  datasets:\n    - path: x.jsonl\n  n_pasages: 2\n")
+    assert main(["validate-data", str(recipe), "--tokenizer", "none"]) == 2
+    assert "data.n_pasages: unknown key" in capsys.readouterr().err
