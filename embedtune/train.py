@@ -9,6 +9,7 @@ process, exactly like ``embedtune train``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -36,12 +37,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if launch_requested(args):
             return launch([args.recipe, *args.overrides], args)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of torchrun's ranks
+            return _run_rank(args)
         from embedtune.commands.train import run
 
         return run(args)
     except EmbedtuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _run_rank(args: argparse.Namespace) -> int:
+    """Train as one rank of a torchrun job; returns 0, or 143/130 after a signal (all ranks saved)."""
+    from embedtune.training.config import load_train_config
+    from embedtune.training.distributed_recipe import train_distributed
+
+    cfg = load_train_config(args.recipe, args.overrides)  # every rank fails fast on a bad recipe
+    result = train_distributed(cfg)
+    if result.exit_code == 0 and os.environ.get("RANK", "0") == "0":
+        print(f"done: {result.state.step} steps ({result.stop_reason}); model saved to {result.model_dir}")
+    return result.exit_code
 
 
 if __name__ == "__main__":
