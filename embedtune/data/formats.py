@@ -515,10 +515,35 @@ def _read_inline(
             r = row_of[h] = writer.add(f"{h:016x}", text, line)
         return r
 
+    try:
+        _inline_examples(path, name, log, row, seen_qids, out)
+    except BaseException:
+        writer.abandon()  # no half-written cache folder left behind, whatever happened
+        raise
+    if not out.queries and not log.total:
+        log.add(Problem(name, None, "(file)", "no examples", "add one JSON example per line"))
+    if log.total and on_bad_row == "error":
+        writer.abandon()
+        raise DataValidationError(log.problems, log.total)
+    writer.fingerprint = fingerprint.hexdigest()
+    corpus = writer.finish(ProblemLog("error"))
+    if log.total:
+        log.finish(name)
+    return out.build(name, "inline", corpus, [Instructions()], log)
+
+
+def _inline_examples(
+    path: Path,
+    name: str,
+    log: ProblemLog,
+    row: Any,
+    seen_qids: dict[str, int],
+    out: _Builder,
+) -> None:
+    """Check every line of an inline file; good examples go to ``out``, their passages through ``row``."""
     for line_no, obj, problem in iter_jsonl(path, name):
         if problem is not None:
             if problem.field == "(file)":
-                writer.abandon()
                 raise log.fatal(problem)
             log.add(problem)
             log.skipped_rows += 1
@@ -544,7 +569,7 @@ def _read_inline(
         pos, ps = _inline_docs(obj, "pos_doc", required=True)
         neg, ns = _inline_docs(obj, "neg_doc", required=False)
         bad += ps + ns
-        pos_set = set(pos)
+        pos_set = set(pos) if not ns else set()  # with a bad entry, list indices would be off
         bad += [
             (
                 f"neg_doc[{k}]",
@@ -567,16 +592,6 @@ def _read_inline(
             line_no,
             0,
         )
-    if not out.queries and not log.total:
-        log.add(Problem(name, None, "(file)", "no examples", "add one JSON example per line"))
-    if log.total and on_bad_row == "error":
-        writer.abandon()
-        raise DataValidationError(log.problems, log.total)
-    writer.fingerprint = fingerprint.hexdigest()
-    corpus = writer.finish(ProblemLog("error"))
-    if log.total:
-        log.finish(name)
-    return out.build(name, "inline", corpus, [Instructions()], log)
 
 
 # ---------------------------------------------------------------------- corpus-ID JSON
