@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, write_jsonl
+from conftest import DOCS, EXAMPLES, write_jsonl
 
 from embedtune.cli import main
 
@@ -14,9 +15,11 @@ from embedtune.cli import main
 def test_clean_file_prints_counts_and_exits_0(inline_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate-data", str(inline_file), "--tokenizer", "none", "--n-passages", "4"]) == 0
     out = capsys.readouterr().out
-    assert "queries            6" in out and "documents          8" in out
-    assert "negatives histo    1: 1 | 2: 1 | 3: 2 | 4: 1 | 5: 1" in out
-    assert "short of n_passages=4: 2 examples" in out
+    assert f"queries            {len(EXAMPLES)}" in out and f"documents          {len(DOCS)}" in out
+    counts = collections.Counter(len(neg) for *_, neg in EXAMPLES)
+    histo = " | ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    assert f"negatives histo    {histo}" in out
+    assert f"short of n_passages=4: {sum(len(neg) < 3 for *_, neg in EXAMPLES)} examples" in out
     assert "problems           none" in out
 
 
