@@ -2,8 +2,9 @@
 
 ``exact_search`` never builds the full (queries x corpus) score matrix: it multiplies one block of
 queries by one block of corpus embeddings at a time and merges each block's candidates into a running
-top-k with ``torch.topk``. Peak extra memory is about ``query_block * (corpus_block + k)`` scores, for
-any corpus size, and the corpus may be a memory-mapped array that is read one block at a time.
+top-k with ``torch.topk``. Peak extra memory is about ``query_block * corpus_block`` scores plus a
+running top-k of ``QUERY_CHUNK x k``, for any corpus size; the corpus may be a memory-mapped array, read
+one block at a time (once per chunk of queries), and on a GPU each block is copied over once per chunk.
 
 Ties are broken deterministically: among equal scores, the document with the larger ``tie_priority``
 wins (default: the smaller corpus row). ``evaluate_retrieval`` passes the rank of each document ID, so
@@ -19,6 +20,9 @@ import numpy as np
 import torch
 
 from embedtune.errors import ConfigError
+
+#: Queries whose running top-k is kept while the corpus streams past (bounds that state to chunk x k).
+QUERY_CHUNK = 16384
 
 #: Search back-ends understood by ``search``.
 BACKENDS: tuple[str, ...] = ("exact", "faiss")
@@ -86,29 +90,43 @@ def exact_search(
     if exclude is not None:
         excl = torch.as_tensor(exclude, dtype=torch.long, device=device)
 
-    for q0 in range(0, num_q, query_block):
-        q = q_all[q0 : q0 + query_block].to(device)  # (qb, dim)
-        qb = q.shape[0]
-        best_s = torch.full((qb, 0), float("-inf"), device=device)  # running top-k, (qb, <=k)
-        best_i = torch.empty((qb, 0), dtype=torch.long, device=device)
+    # Corpus blocks outside, query blocks inside: each corpus block is read (from a memmap, or copied to
+    # the GPU) once per chunk of QUERY_CHUNK queries, not once per query block. The running top-k of the
+    # chunk's queries, (chunk, k) scores and rows, is the only state kept across corpus blocks.
+    for g0 in range(0, num_q, QUERY_CHUNK):
+        q_chunk = q_all[g0 : g0 + QUERY_CHUNK].to(device)  # (chunk, dim)
+        n_chunk = q_chunk.shape[0]
+        best_s = torch.full((n_chunk, 0), float("-inf"), device=device)  # (chunk, <=k)
+        best_i = torch.empty((n_chunk, 0), dtype=torch.long, device=device)
         for c0 in range(0, num_docs, corpus_block):
             c = _as_tensor(corpus[c0 : c0 + corpus_block]).to(device)  # (cb, dim)
-            s = q @ c.T  # (qb, cb)
-            if excl is not None:
-                # Drop each query's excluded row if it falls in this block (no (qb, cb) mask built).
-                e = excl[q0 : q0 + qb]
-                rows = torch.nonzero((e >= c0) & (e < c0 + c.shape[0])).flatten()
-                s[rows, e[rows] - c0] = float("-inf")
-            # The block's own top-k first (a view of arange, nothing materialised), then merge it with
-            # the running top-k: with a total order (score, priority) top-k composes exactly.
-            idx = torch.arange(c0, c0 + c.shape[0], device=device).expand(qb, -1)
-            blk_s, blk_i = _topk_with_ties(s, idx, k_eff, tie_priority)
-            best_s, best_i = _topk_with_ties(
-                torch.cat([best_s, blk_s], dim=1), torch.cat([best_i, blk_i], dim=1), k_eff, tie_priority
-            )
+            cb = c.shape[0]
+            new_s, new_i = [], []
+            for q0 in range(0, n_chunk, query_block):
+                q = q_chunk[q0 : q0 + query_block]  # (qb, dim)
+                qb = q.shape[0]
+                s = q @ c.T  # (qb, cb)
+                if excl is not None:
+                    # Drop each query's excluded row if it falls in this block (no (qb, cb) mask built).
+                    e = excl[g0 + q0 : g0 + q0 + qb]
+                    rows = torch.nonzero((e >= c0) & (e < c0 + cb)).flatten()
+                    s[rows, e[rows] - c0] = float("-inf")
+                # The block's own top-k first (a view of arange, nothing materialised), then merge it with
+                # the running top-k: with a total order (score, priority) top-k composes exactly.
+                idx = torch.arange(c0, c0 + cb, device=device).expand(qb, -1)
+                blk_s, blk_i = _topk_with_ties(s, idx, k_eff, tie_priority)
+                merged = _topk_with_ties(
+                    torch.cat([best_s[q0 : q0 + qb], blk_s], dim=1),
+                    torch.cat([best_i[q0 : q0 + qb], blk_i], dim=1),
+                    k_eff,
+                    tie_priority,
+                )
+                new_s.append(merged[0])
+                new_i.append(merged[1])
+            best_s, best_i = torch.cat(new_s), torch.cat(new_i)
         best_i = best_i.masked_fill(torch.isneginf(best_s), -1)
-        out_scores[q0 : q0 + qb] = best_s.cpu()
-        out_idx[q0 : q0 + qb] = best_i.cpu()
+        out_scores[g0 : g0 + n_chunk] = best_s.cpu()
+        out_idx[g0 : g0 + n_chunk] = best_i.cpu()
     return out_scores, out_idx
 
 

@@ -137,3 +137,18 @@ def test_cuda_search_equals_cpu_search():
     # GPU and CPU sums round differently in the last bit: near-equal neighbours may swap, scores may not.
     torch.testing.assert_close(s1, s2, rtol=0, atol=1e-5)
     assert (i1 == i2).float().mean() > 0.99
+
+
+def test_query_chunks_give_the_same_result(monkeypatch):
+    import embedtune.eval.search as search_mod
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randint(-2, 3, (11, 4), generator=g).float()
+    c = torch.randint(-2, 3, (37, 4), generator=g).float()
+    exclude = torch.randint(-1, 37, (11,), generator=g)
+    whole = exact_search(q, c, 6, exclude=exclude, query_block=2, corpus_block=5)
+    monkeypatch.setattr(search_mod, "QUERY_CHUNK", 3)
+    chunked = exact_search(q, c, 6, exclude=exclude, query_block=2, corpus_block=5)
+    ref_s, ref_i = full_topk_reference(q, c, 6, (-torch.arange(37)).tolist(), exclude.tolist())
+    assert chunked[1].tolist() == whole[1].tolist() == ref_i
+    assert chunked[0].tolist() == ref_s
