@@ -145,16 +145,27 @@ def build(src: Path, out: Path) -> dict[str, int]:
         out / "test" / "corpus.jsonl",
         [{"_id": d, "title": corpus[d].get("title", ""), "text": corpus[d]["text"]} for d in test_docs],
     )
-    write_jsonl(out / "test" / "queries.jsonl", [{"_id": q, "text": queries[q]} for q in sorted(test_qrels, key=int)])
+    write_jsonl(
+        out / "test" / "queries.jsonl", [{"_id": q, "text": queries[q]} for q in sorted(test_qrels, key=int)]
+    )
     with open(out / "test" / "qrels" / "test.tsv", "w", encoding="utf-8", newline="\n") as f:
         f.write("query-id\tcorpus-id\tscore\n")
         for q in sorted(test_qrels, key=int):
             for d in sorted(test_qrels[q], key=int):
                 f.write(f"{q}\t{d}\t{test_qrels[q][d]}\n")
     (out / "train_corpus").mkdir(parents=True, exist_ok=True)
-    meta = {"class": "TextQADataset", "corpus_id": "scifact_train", "query_instruction": "", "passage_instruction": ""}
-    (out / "train_corpus" / "merlin_metadata.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    write_jsonl(out / "train_corpus" / "docs.jsonl", [{"id": d, "text": doc_text(corpus[d])} for d in train_docs])
+    meta = {
+        "class": "TextQADataset",
+        "corpus_id": "scifact_train",
+        "query_instruction": "",
+        "passage_instruction": "",
+    }
+    (out / "train_corpus" / "merlin_metadata.json").write_text(
+        json.dumps(meta, indent=2) + "\n", encoding="utf-8"
+    )
+    write_jsonl(
+        out / "train_corpus" / "docs.jsonl", [{"id": d, "text": doc_text(corpus[d])} for d in train_docs]
+    )
     with open(out / "train.json", "w", encoding="utf-8", newline="\n") as f:
         # One record a line: compact, diff-friendly, and error messages name a distinct line per record.
         f.write('{"corpus": [{"path": "train_corpus"}],\n "data": [\n')
