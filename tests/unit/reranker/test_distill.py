@@ -1,0 +1,65 @@
+"""The distillation KL term between a bi-encoder's and a cross-encoder's scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from embedtune.errors import ConfigError
+from embedtune.training.distill import DistillConfig, distillation_kl, group_scores
+
+
+def test_matches_torch_kl_div_with_temperatures():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g) * 3
+    ours = distillation_kl(s, t, student_temperature=0.05, teacher_temperature=2.0)
+    ref = F.kl_div(
+        F.log_softmax(s / 0.05, -1), F.log_softmax(t / 2.0, -1), log_target=True, reduction="batchmean"
+    )
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_zero_only_when_the_distributions_agree():
+    t = torch.tensor([[3.0, 1.0, -2.0]])
+    # Same distribution: student logits / τ_s equal teacher logits / τ_t.
+    assert distillation_kl(t * 0.02, t, student_temperature=0.02).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_kl(t.flip(-1) * 0.02, t, student_temperature=0.02).item() > 0.1
+
+
+def test_a_gradient_step_moves_the_student_towards_the_teacher():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(4, 6, generator=g).requires_grad_()
+    t = torch.randn(4, 6, generator=g)
+    before = distillation_kl(s, t, student_temperature=1.0)
+    before.backward()
+    assert t.grad is None  # the teacher gets no gradient
+    with torch.no_grad():
+        after = distillation_kl(s - 0.5 * s.grad, t, student_temperature=1.0)
+    assert after < before
+
+
+def test_masked_passages_are_ignored():
+    s = torch.tensor([[1.0, 0.5, 9.0]])
+    t = torch.tensor([[2.0, 0.0, -9.0]])
+    mask = torch.tensor([[True, True, False]])
+    masked = distillation_kl(s, t, student_temperature=1.0, mask=mask)
+    assert torch.isfinite(masked)
+    assert masked.item() == pytest.approx(
+        distillation_kl(s[:, :2], t[:, :2], student_temperature=1.0).item(), rel=1e-6
+    )
+
+
+def test_group_scores_use_each_query_own_group():
+    q = torch.eye(3)
+    p = torch.arange(18, dtype=torch.float).view(6, 3)  # 2 passages per query
+    gs = group_scores(q, p, 2)
+    assert gs.shape == (3, 2)
+    assert gs[1, 0].item() == p[2, 1].item() and gs[2, 1].item() == p[5, 2].item()
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="same"):
+        distillation_kl(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ConfigError, match="teacher_temperature"):
+        DistillConfig(teacher_temperature=0)
