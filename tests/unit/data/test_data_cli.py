@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import DOCS, EXAMPLES, write_jsonl
+from _data_helpers import DOCS, EXAMPLES, write_jsonl
 
 from embedtune.cli import main
 

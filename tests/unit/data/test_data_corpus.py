@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from _data_helpers import write_jsonl
 
 from embedtune.data.corpus import Corpus, text_hash
 from embedtune.data.problems import DataValidationError

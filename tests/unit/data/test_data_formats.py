@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DOCS, EXAMPLES, write_corpus_folder, write_jsonl
+from _data_helpers import DOCS, EXAMPLES, write_corpus_folder, write_jsonl
 
 from embedtune.data.config import DataConfig
 from embedtune.data.dataset import TrainDataset

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_jsonl
+from _data_helpers import write_jsonl
 
 from embedtune.data.config import DataConfig
 from embedtune.data.dataset import TrainDataset

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import DOCS, write_corpus_folder, write_jsonl
+from _data_helpers import DOCS, write_corpus_folder, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
