@@ -168,7 +168,7 @@ def _print_stats(data: Any, tokenizer: Any, sample: int, n_passages: int | None)
         print(f"  positives/query    min {pos.min()}, mean {pos.mean():.2f}, max {pos.max()}")
         print(f"  negatives/query    min {negs.min()}, mean {negs.mean():.2f}, max {negs.max()}")
         print(f"  negatives histo    {_histogram(negs)}")
-    if n_passages is not None and len(data):
+    if n_passages is not None and n_passages > 1 and len(data):
         short = int(np.sum(negs < n_passages - 1))
         print(
             f"  short of n_passages={n_passages}: {short:,} examples have fewer than {n_passages - 1} negatives"
