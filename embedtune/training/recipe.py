@@ -33,7 +33,7 @@ import yaml
 from torch import Tensor, nn
 
 from embedtune.config import config_to_dict
-from embedtune.errors import EmbedtuneError
+from embedtune.errors import ConfigError, EmbedtuneError
 from embedtune.training.checkpoint import CheckpointManager, TrainState, capture_rng_state, restore_rng_state
 from embedtune.training.config import TrainConfig
 from embedtune.training.gradcache import GradCache
@@ -139,6 +139,11 @@ class BiEncoderRecipe:
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = cfg.step_scheduler.max_steps or steps_per_epoch * cfg.step_scheduler.num_epochs
 
+        dims = cfg.loss.matryoshka_dims or []
+        if dims and max(dims) > self.model.dim:
+            raise ConfigError(
+                f"loss.matryoshka_dims: {max(dims)} exceeds the embedding size {self.model.dim}"
+            )
         self.loss_fn = build_loss(cfg.loss, normalize=self.model.settings.normalize)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, self.total_steps)
