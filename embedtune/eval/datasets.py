@@ -110,6 +110,9 @@ class EvalSet:
         source: the path it was read from.
         split: the qrels split, for BEIR folders.
         warnings: problems found while loading (unknown IDs), one line each.
+        query_prefixes: query ID -> instruction prefix from the data (corpus metadata), for queries
+            whose data set has one; None: every query uses the model's query prefix.
+        passage_prefix: the data's passage instruction for every document; None: the model's prefix.
     """
 
     name: str
@@ -120,6 +123,8 @@ class EvalSet:
     source: str = ""
     split: str | None = None
     warnings: list[str] = field(default_factory=list)
+    query_prefixes: dict[str, str] | None = None
+    passage_prefix: str | None = None
 
     def subset(self, max_queries: int | None = None, max_corpus: int | None = None, seed: int = 0) -> EvalSet:
         """A smaller, fixed evaluation set for fast validation during training.
@@ -139,6 +144,11 @@ class EvalSet:
             qids = sorted(rng.sample(qids, max_queries))
         queries = {q: self.queries[q] for q in qids}
         qrels = {q: self.qrels[q] for q in qids}
+        prefixes = (
+            None
+            if self.query_prefixes is None
+            else {q: p for q, p in self.query_prefixes.items() if q in queries}
+        )
         corpus = self.corpus
         if max_corpus is not None and len(corpus) > max_corpus:
             rel_ids = sorted({d for q in qids for d, r in qrels[q].items() if r >= 1})
@@ -150,7 +160,7 @@ class EvalSet:
             corpus = CorpusView(corpus, rows)
         if corpus is self.corpus and len(queries) == len(self.queries):
             return self
-        return replace(self, corpus=corpus, queries=queries, qrels=qrels)
+        return replace(self, corpus=corpus, queries=queries, qrels=qrels, query_prefixes=prefixes)
 
 
 def _check(
@@ -355,8 +365,13 @@ def _load_training_file(
     ids = corpus.ids
     queries: dict[str, str] = {}
     qrels: dict[str, dict[str, int]] = {}
+    query_prefixes: dict[str, str] = {}
+    passage_instructions = {instr.passage for instr in data.instructions}
     for i in range(len(data)):
         qid, text = str(data.query_ids[i]), data.queries[i]
+        instruction = data.instructions_of(i).query
+        if instruction is not None:
+            query_prefixes[qid] = instruction
         if qid in queries and queries[qid] != text:
             raise DataError(
                 f"{p}:{int(data.lines[i]) or '?'}: query id {qid!r} is used for two different query texts — "
@@ -367,6 +382,15 @@ def _load_training_file(
         for row in data.positives(i).tolist():
             judged[ids[int(row)]] = 1
     q, j, more = _check(p.stem, corpus, queries, qrels, source=str(p), qrels_source=str(p), strict=strict)
+    passage_prefix = None
+    if len(passage_instructions) == 1:
+        passage_prefix = next(iter(passage_instructions))
+    elif len(passage_instructions) > 1:
+        more.append(
+            f"{p}: the corpora have different passage instructions {sorted(map(repr, passage_instructions))}; "
+            "documents are encoded with the model's passage prefix — evaluate each corpus on its own to use them"
+        )
+        _warn(more[-1:])
     return EvalSet(
         p.stem,
         corpus,
@@ -375,6 +399,8 @@ def _load_training_file(
         ignore_identical_ids=bool(ignore_identical_ids),
         source=str(p),
         warnings=problems + more,
+        query_prefixes=query_prefixes or None,
+        passage_prefix=passage_prefix,
     )
 
 

@@ -79,6 +79,7 @@ def encode_corpus(
     max_length: int | None = None,
     cache_dir: str | Path | None = None,
     show_progress: bool | None = None,
+    prefix: str | None = None,
 ) -> tuple[np.ndarray, bool]:
     """Embed every document of ``corpus`` (``encoder.encode_documents``), reusing the disk cache.
 
@@ -90,6 +91,7 @@ def encode_corpus(
         max_length: tokens per document (default: the encoder's setting).
         cache_dir: cache folder; None disables the cache.
         show_progress: progress bar (default: the encoder's choice).
+        prefix: passage prefix for every document (a data set's instruction); None: the model's.
 
     Returns:
         ``(embeddings (num_docs, dim) float32, from_cache)``; cached embeddings are memory-mapped.
@@ -105,6 +107,7 @@ def encode_corpus(
             "num_docs": n,
             "max_length": max_length,
             "bf16": bool(bf16),
+            "prefix": prefix,
         }
         key = cache_key(description)
         hit = cache.load(key, n)
@@ -112,6 +115,8 @@ def encode_corpus(
             logger.info("corpus embeddings from cache %s", cache.paths(key)[0])
             return hit, True
     kw = _encode_kwargs(batch_size, bf16, show_progress, max_length)
+    if prefix is not None:
+        kw["prefix"] = prefix
     out: np.ndarray | None = None
     for start in range(0, n, ENCODE_CHUNK):
         rows = np.arange(start, min(n, start + ENCODE_CHUNK))
@@ -172,9 +177,14 @@ def retrieve(
         max_length=max_length,
         cache_dir=cache_dir,
         show_progress=show_progress,
+        prefix=eval_set.passage_prefix,
     )
     t1 = time.perf_counter()
     kw = _encode_kwargs(batch_size, bf16, show_progress, max_length)
+    if eval_set.query_prefixes is not None:
+        # The data set's instructions, as in training (the model's own query prefix where a query has none).
+        default = encoder.settings.query_prefix if hasattr(encoder, "settings") else ""
+        kw["prefix"] = [eval_set.query_prefixes.get(q, default) for q in qids]
     q_emb = np.asarray(encoder.encode_queries([eval_set.queries[q] for q in qids], **kw), dtype=np.float32)
     t2 = time.perf_counter()
 

@@ -201,3 +201,37 @@ def test_unknown_ids_in_dict_qrels_warn_then_are_skipped(tmp_path):
     assert es.qrels == {"q1": {"d1": 1}, "q2": {"d2": 1}} and len(es.warnings) == 2
     with pytest.raises(DataError, match="nodoc"):
         eval_set_from_dicts(corpus, queries, qrels, strict=True, cache_dir=tmp_path)
+
+
+def test_corpus_id_json_uses_the_data_set_instructions(fake_encoder, tmp_path):
+    corp = tmp_path / "corp"
+    corp.mkdir()
+    meta = {"class": "TextQADataset", "corpus_id": "c1", "query_instruction": "Instruct: find\nQuery: "}
+    meta["passage_instruction"] = "passage: "
+    (corp / "merlin_metadata.json").write_text(json.dumps(meta))
+    docs = {"d1": "virus gene cell", "d2": "heart drug", "d3": "sleep and diet"}
+    (corp / "docs.jsonl").write_text(
+        "".join(json.dumps({"id": d, "text": t}) + "\n" for d, t in docs.items())
+    )
+    data = [
+        {"question_id": "q1", "question": "gene virus", "corpus_id": "c1", "pos_doc": [{"id": "d1"}]},
+        {
+            "question_id": "q2",
+            "question": "diet",
+            "corpus_id": "c1",
+            "pos_doc": [{"id": "d3"}],
+            "neg_doc": [{"id": "d2"}],
+        },
+    ]
+    path = tmp_path / "held_out.json"
+    path.write_text(json.dumps({"corpus": [{"path": "corp"}], "data": data}))
+    es = load_eval_set(path, cache_dir=tmp_path / "c")
+    assert es.qrels == {"q1": {"d1": 1}, "q2": {"d3": 1}} and len(es.corpus) == 3
+    assert es.query_prefixes == {"q1": "Instruct: find\nQuery: ", "q2": "Instruct: find\nQuery: "}
+    assert es.passage_prefix == "passage: "
+    metrics = evaluate_retrieval(fake_encoder, es, (1,))
+    assert metrics["recall@1"] == 1.0
+    doc_call = next(c for c in fake_encoder.calls if c["kind"] == "document")
+    query_call = next(c for c in fake_encoder.calls if c["kind"] == "query")
+    assert doc_call["prefix"] == "passage: "
+    assert query_call["prefix"] == ["Instruct: find\nQuery: "] * 2
