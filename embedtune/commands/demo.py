@@ -8,6 +8,7 @@ By default: SmolLM2-135M-Instruct converted to a bidirectional encoder, LoRA, tr
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -45,6 +46,12 @@ def run(args: argparse.Namespace) -> int:
     if cfg.validation is not None:
         cfg.validation.data = _bundled_path(cfg.validation.data)
         cfg.validation.eval_at_start = True  # the "before" number
+
+    ckpt_dir = cfg.checkpoint_dir
+    if cfg.checkpoint.resume is None and ckpt_dir.is_dir():
+        # A demo run is throwaway: start it afresh instead of refusing like `embedtune train` does.
+        print(f"removing the previous demo run's checkpoints in {ckpt_dir}", flush=True)
+        shutil.rmtree(ckpt_dir)
 
     from embedtune.training.monitor import read_metrics
     from embedtune.training.recipe import train

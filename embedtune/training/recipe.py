@@ -156,6 +156,13 @@ class BiEncoderRecipe:
             resume = "latest" if self.ckpt.latest() is not None else None
         if resume:
             self._restore(self.ckpt.resolve(resume))
+        elif self.ckpt.list():
+            # Never mix two runs' checkpoints (rotation and `latest` would interleave them).
+            raise ConfigError(
+                f"checkpoint.resume: {self.ckpt.root} already holds checkpoints of an earlier run (latest: "
+                f"{self.ckpt.latest()}); continue it with checkpoint.resume=latest, or choose another "
+                "output_dir (or delete that folder) to start fresh"
+            )
 
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "recipe.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

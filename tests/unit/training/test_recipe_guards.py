@@ -172,3 +172,15 @@ def test_validation_keeps_the_best_checkpoint_and_stops_early(tmp_path, monkeypa
     got = dict(final.named_parameters())
     for name, value in snapshots[2].items():
         assert torch.equal(got[name], value), name
+
+
+def test_fresh_run_refuses_to_mix_with_earlier_checkpoints(tmp_path):
+    from embedtune.errors import ConfigError
+
+    r = _recipe(tmp_path, step_scheduler={"max_steps": 1})
+    try:
+        r.train()
+    finally:
+        r.cleanup()
+    with pytest.raises(ConfigError, match=r"already holds checkpoints.*checkpoint\.resume=latest"):
+        _recipe(tmp_path)
