@@ -153,6 +153,17 @@ class EmbeddingCache:
             return None
         return arr
 
+    def begin(self, key: str, shape: tuple[int, int]) -> PendingEntry:
+        """Start an entry written in place (a memory-mapped temporary file), for corpora larger than RAM.
+
+        Fill ``entry.array``, then ``entry.commit(description)``; ``entry.abort()`` on failure.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{key}.npy.", suffix=".tmp")
+        os.close(fd)
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        return PendingEntry(self, key, Path(tmp), array)
+
     def save(self, key: str, embeddings: np.ndarray, description: dict[str, Any]) -> Path:
         """Write an entry atomically; returns the ``.npy`` path."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -173,6 +184,31 @@ class EmbeddingCache:
                 Path(tmp).unlink(missing_ok=True)
                 raise
         return npy
+
+
+class PendingEntry:
+    """A cache entry being written (see ``EmbeddingCache.begin``)."""
+
+    def __init__(self, cache: EmbeddingCache, key: str, tmp: Path, array: np.ndarray) -> None:
+        self.cache, self.key, self.tmp, self.array = cache, key, tmp, array
+
+    def commit(self, description: dict[str, Any]) -> np.ndarray:
+        """Flush, write the description, rename into place; returns the entry memory-mapped read-only."""
+        self.array.flush()  # type: ignore[attr-defined]
+        del self.array
+        npy, meta = self.cache.paths(self.key)
+        fd, tmp_meta = tempfile.mkstemp(dir=self.cache.folder, prefix=f".{meta.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(description, indent=2, sort_keys=True, default=str).encode())
+        # The vectors first: a description without vectors is a miss, never a wrong hit.
+        os.replace(self.tmp, npy)
+        os.replace(tmp_meta, meta)
+        return np.load(npy, mmap_mode="r")
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        self.array = None  # type: ignore[assignment]
+        self.tmp.unlink(missing_ok=True)
 
 
 def default_cache_dir() -> Path:

@@ -117,16 +117,28 @@ def encode_corpus(
     kw = _encode_kwargs(batch_size, bf16, show_progress, max_length)
     if prefix is not None:
         kw["prefix"] = prefix
+    # With a cache, the vectors are written straight into the (memory-mapped) cache file, so a corpus
+    # larger than RAM can be encoded; without one they are kept in memory.
     out: np.ndarray | None = None
-    for start in range(0, n, ENCODE_CHUNK):
-        rows = np.arange(start, min(n, start + ENCODE_CHUNK))
-        emb = np.asarray(encoder.encode_documents(corpus.texts(rows), **kw), dtype=np.float32)
-        if out is None:
-            out = np.empty((n, emb.shape[1]), dtype=np.float32)
-        out[rows] = emb
+    pending = None
+    try:
+        for start in range(0, n, ENCODE_CHUNK):
+            rows = np.arange(start, min(n, start + ENCODE_CHUNK))
+            emb = np.asarray(encoder.encode_documents(corpus.texts(rows), **kw), dtype=np.float32)
+            if out is None:
+                if cache is not None and key is not None:
+                    pending = cache.begin(key, (n, emb.shape[1]))
+                    out = pending.array
+                else:
+                    out = np.empty((n, emb.shape[1]), dtype=np.float32)
+            out[start : start + len(rows)] = emb
+    except BaseException:
+        if pending is not None:
+            pending.abort()
+        raise
     assert out is not None  # n > 0 is checked by the callers
-    if cache is not None and key is not None and description is not None:
-        cache.save(key, out, description)
+    if pending is not None and description is not None:
+        out = pending.commit(description)
     return out, False
 
 

@@ -235,3 +235,34 @@ def test_corpus_id_json_uses_the_data_set_instructions(fake_encoder, tmp_path):
     query_call = next(c for c in fake_encoder.calls if c["kind"] == "query")
     assert doc_call["prefix"] == "passage: "
     assert query_call["prefix"] == ["Instruct: find\nQuery: "] * 2
+
+
+def test_interrupted_corpus_encoding_leaves_no_cache_entry(
+    fake_encoder, tmp_path, monkeypatch, make_eval_dicts
+):
+    import embedtune.eval.retrieval as retrieval_mod
+    from embedtune.eval.retrieval import encode_corpus
+
+    corpus, queries, qrels = make_eval_dicts()
+    es = eval_set_from_dicts(corpus, queries, qrels, cache_dir=tmp_path / "c")
+    monkeypatch.setattr(retrieval_mod, "ENCODE_CHUNK", 16)  # several chunks
+    real = fake_encoder.encode_documents
+    calls = []
+
+    def failing(texts, **kw):
+        calls.append(len(texts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(texts, **kw)
+
+    monkeypatch.setattr(fake_encoder, "encode_documents", failing)
+    with pytest.raises(KeyboardInterrupt):
+        encode_corpus(fake_encoder, es.corpus, cache_dir=tmp_path / "emb")
+    assert list((tmp_path / "emb").iterdir()) == []  # no partial entry, no temporary file
+    monkeypatch.setattr(fake_encoder, "encode_documents", real)
+    emb, hit = encode_corpus(fake_encoder, es.corpus, cache_dir=tmp_path / "emb")
+    again, hit2 = encode_corpus(fake_encoder, es.corpus, cache_dir=tmp_path / "emb")
+    assert not hit and hit2
+    expected = fake_encoder._embed(es.corpus.texts(range(len(es.corpus))))
+    np.testing.assert_array_equal(np.asarray(emb), expected)
+    np.testing.assert_array_equal(np.asarray(again), expected)
