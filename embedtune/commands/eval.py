@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
             "limits": {"max_queries": args.max_queries, "max_corpus": args.max_corpus, "seed": args.seed},
             "ignore_identical_ids": eval_set.ignore_identical_ids,
             "bf16": args.bf16,
+            "encoder_settings": encoder.settings.to_dict() if hasattr(encoder.settings, "to_dict") else None,
             "metrics": result.metrics,
             "timings": result.timings,
             "corpus_from_cache": result.corpus_from_cache,
