@@ -20,7 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="document",
         help="picks the prefix (default document)",
     )
-    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="inference backend")
+    parser.add_argument(
+        "--backend",
+        choices=["torch", "onnx"],
+        default=None,
+        help="inference backend (default: onnx for a folder written by `embedtune export onnx`, else torch)",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per text (default: model's)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (torch backend)")
@@ -42,13 +47,14 @@ def run(args: argparse.Namespace) -> int:
         from embedtune.errors import ConfigError
 
         raise ConfigError(f"--output {output}: must end in .npy (numpy.save format)")
-    encoder = load_encoder(args.model, args.backend)
+    backend = args.backend or "auto"
+    encoder = load_encoder(args.model, backend)
     emb = encoder.encode(
         texts, args.kind, batch_size=args.batch_size, max_length=args.max_length, bf16=args.bf16
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     np.save(output, np.asarray(emb, dtype=np.float32))
-    print(f"wrote {output}: {len(texts)} x {emb.shape[1]} ({args.kind}, {args.backend})")
+    print(f"wrote {output}: {len(texts)} x {emb.shape[1]} ({args.kind}, {type(encoder).__name__})")
     return 0
 
 

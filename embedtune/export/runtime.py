@@ -293,17 +293,24 @@ def load_encoder(path: str | os.PathLike[str], backend: str = "torch", **kwargs:
     Args:
         path: for ``torch``, anything ``AutoBiEncoder.from_pretrained`` takes; for ``onnx``, an export
             folder written by ``embedtune export onnx``.
-        backend: "torch" (a :class:`~embedtune.BiEncoder`) or "onnx" (an :class:`OnnxBiEncoder`).
+        backend: "torch" (a :class:`~embedtune.BiEncoder`), "onnx" (an :class:`OnnxBiEncoder`), or
+            "auto": onnx for an export folder, torch for anything else.
         **kwargs: passed to the loader (``max_length``, ``padding_side``; torch also takes the
-            ``AutoBiEncoder.from_pretrained`` options, onnx ``providers`` and ``num_threads``).
+            ``AutoBiEncoder.from_pretrained`` options, onnx ``providers`` and ``num_threads``). A
+            ``device`` option is honoured by torch; for onnx, "cuda" selects the CUDA provider.
 
     Raises:
         EmbedtuneError: an unknown backend, or a path the backend cannot load (the message says which
             backend fits the folder).
     """
-    if backend not in BACKENDS:
-        raise EmbedtuneError(f"backend: unknown {backend!r} — use one of {', '.join(BACKENDS)}")
+    if backend not in (*BACKENDS, "auto"):
+        raise EmbedtuneError(f"backend: unknown {backend!r} — use one of {', '.join(BACKENDS)} or auto")
+    if backend == "auto":
+        backend = "onnx" if is_onnx_export(path) and not (Path(path) / "config.json").is_file() else "torch"
     if backend == "onnx":
+        device = kwargs.pop("device", None)
+        if device is not None and str(device).startswith("cuda") and "providers" not in kwargs:
+            kwargs["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         return OnnxBiEncoder.from_pretrained(path, **kwargs)
     if is_onnx_export(path) and not (Path(path) / "config.json").is_file():
         raise ModelLoadError(f"{path}: this is an ONNX export — load it with backend='onnx' (--backend onnx)")

@@ -105,11 +105,27 @@ def test_cli_errors_are_one_line_with_the_fix(
     assert "--opset 13 is too old for an operator" in capsys.readouterr().err
     texts = tmp_path / "t.txt"
     texts.write_text("hello\n")
+    out = tmp_path / "e.npy"
     assert (
-        main(["encode", "--model", str(exported), "--input", str(texts), "--output", str(tmp_path / "e.npy")])
+        main(
+            [
+                "encode",
+                "--model",
+                str(exported),
+                "--input",
+                str(texts),
+                "--output",
+                str(out),
+                "--backend",
+                "torch",
+            ]
+        )
         == 2
     )
     assert "--backend onnx" in capsys.readouterr().err
+    # without --backend an export folder is recognised and run with ONNX Runtime
+    assert main(["encode", "--model", str(exported), "--input", str(texts), "--output", str(out)]) == 0
+    assert "OnnxBiEncoder" in capsys.readouterr().out
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
     assert (
