@@ -25,7 +25,7 @@ from torch import Tensor
 
 from embedtune.errors import ConfigError
 
-__all__ = ["DistillConfig", "distillation_kl", "group_scores"]
+__all__ = ["DistillConfig", "OnlineTeacher", "TeacherScores", "distillation_kl", "group_scores"]
 
 
 @dataclass
@@ -108,3 +108,100 @@ def distillation_kl(
     # Masked entries have p_t = 0; write their terms as 0 instead of 0 * (-inf - -inf) = nan.
     terms = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t))
     return terms.sum(dim=-1).mean()
+
+
+# ------------------------------------------------------------------------------ teacher scores
+
+
+def _pair_key(query: str, passage: str) -> tuple[int, int]:
+    from embedtune.data.corpus import text_hash
+
+    return text_hash(query), text_hash(passage)
+
+
+class TeacherScores:
+    """Teacher scores of (query, passage) pairs, looked up by text (as the training batches carry them).
+
+    Built from a file written by ``embedtune mine --reranker`` (each ``pos_doc``/``neg_doc`` entry has
+    a ``ce_score``), or from any mapping. Keys are hashes of the query and passage *texts*, so the same
+    pair matches whichever file, corpus or row it came from.
+
+    Args:
+        scores: ``{(text_hash(query), text_hash(passage)): score}``.
+    """
+
+    def __init__(self, scores: dict[tuple[int, int], float]) -> None:
+        self.scores = scores
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @classmethod
+    def from_mined_file(cls, path: str, score_field: str = "ce_score") -> TeacherScores:
+        """Read teacher scores from a mined corpus-ID ``.json`` or inline ``.jsonl`` file.
+
+        Raises:
+            ConfigError: the file holds no ``score_field`` at all (mine with ``--reranker``).
+        """
+        import json
+        from pathlib import Path
+
+        from embedtune.data.formats import read_training_file
+
+        data = read_training_file(path)
+        p = Path(path)
+        if data.format == "inline":
+            records = [
+                json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()
+            ]
+        else:
+            records = json.loads(p.read_text(encoding="utf-8"))["data"]
+        scores: dict[tuple[int, int], float] = {}
+        for i, rec in enumerate(records):
+            for key, rows in (("pos_doc", data.positives(i)), ("neg_doc", data.negatives(i))):
+                entries = rec.get(key) or []
+                entries = entries if isinstance(entries, list) else [entries]
+                for entry, row in zip(entries, rows.tolist()):
+                    if isinstance(entry, dict) and score_field in entry:
+                        scores[_pair_key(data.queries[i], data.corpus.text(row))] = float(entry[score_field])
+        if not scores:
+            raise ConfigError(
+                f"{path}: no '{score_field}' in any pos_doc/neg_doc entry — mine with "
+                "`embedtune mine --reranker DIR` to store teacher scores, or compute them on the fly"
+            )
+        return cls(scores)
+
+    def matrix(self, queries: list[str], passages: list[list[str]]) -> tuple[Tensor, Tensor]:
+        """Teacher scores of a batch: ``(scores (B, n) float32, mask (B, n) bool)``; mask False = unknown."""
+        b, n = len(queries), len(passages[0]) if passages else 0
+        out = torch.zeros(b, n)
+        mask = torch.zeros(b, n, dtype=torch.bool)
+        for i, (q, ps) in enumerate(zip(queries, passages)):
+            for j, p in enumerate(ps):
+                s = self.scores.get(_pair_key(q, p))
+                if s is not None:
+                    out[i, j], mask[i, j] = s, True
+        return out, mask
+
+
+class OnlineTeacher:
+    """Teacher scores computed on the fly by a cross-encoder (``CrossEncoderReranker``), same interface.
+
+    Args:
+        reranker: the teacher.
+        batch_size: pairs per forward pass.
+        bf16: bfloat16 autocast.
+    """
+
+    def __init__(self, reranker: object, batch_size: int = 64, bf16: bool = False) -> None:
+        self.reranker = reranker
+        self.batch_size = batch_size
+        self.bf16 = bf16
+
+    def matrix(self, queries: list[str], passages: list[list[str]]) -> tuple[Tensor, Tensor]:
+        """Score every pair; the mask is all True."""
+        flat_q = [q for q, ps in zip(queries, passages) for _ in ps]
+        flat_p = [p for ps in passages for p in ps]
+        s = self.reranker.predict(flat_q, flat_p, batch_size=self.batch_size, bf16=self.bf16)  # type: ignore[attr-defined]
+        scores = torch.as_tensor(s, dtype=torch.float32).view(len(queries), -1)
+        return scores, torch.ones_like(scores, dtype=torch.bool)

@@ -63,3 +63,49 @@ def test_errors_name_the_problem():
         distillation_kl(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ConfigError, match="teacher_temperature"):
         DistillConfig(teacher_temperature=0)
+
+
+class _LengthTeacher:
+    """A deterministic stand-in cross-encoder: the score is minus the passage length."""
+
+    def predict(self, queries, passages, **_):
+        import numpy as np
+
+        return -np.array([len(p) for p in passages], dtype=np.float32) / 10
+
+    def fingerprint(self) -> str:
+        return "length-teacher"
+
+
+def test_teacher_scores_round_trip_through_a_mined_file(tmp_path):
+    import json
+
+    from embedtune.data.formats import read_training_file
+    from embedtune.mining import MiningSettings, mine_hard_negatives, write_mined
+    from embedtune.models import AutoBiEncoder
+    from embedtune.training.distill import OnlineTeacher, TeacherScores
+
+    src = tmp_path / "train.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps({"query": f"question {i}", "pos_doc": f"answer {i} " + "x" * i}) + "\n"
+            for i in range(12)
+        )
+    )
+    data = read_training_file(src, cache_dir=tmp_path / "c")
+    enc = AutoBiEncoder.from_pretrained("tiny-bert", max_length=16)
+    teacher = _LengthTeacher()
+    res = mine_hard_negatives(enc, data, MiningSettings(3, 0, 8, margin=None), reranker=teacher)
+    assert res.info["reranker"]["weights_fingerprint"] == "length-teacher"
+    for name in ("mined.json", "mined.jsonl"):
+        out = write_mined(data, res, tmp_path / name, input_path=src)[0]
+        lookup = TeacherScores.from_mined_file(str(out))
+        back = read_training_file(out, cache_dir=tmp_path / "c2")
+        queries = [back.queries[i] for i in range(4)]
+        passages = [back.corpus.texts([*back.positives(i), *back.negatives(i)]) for i in range(4)]
+        scores, mask = lookup.matrix(queries, passages)
+        assert mask.all()
+        expected, _ = OnlineTeacher(teacher).matrix(queries, passages)
+        torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+    _unknown, mask = lookup.matrix(["never seen"], [["nothing"]])
+    assert not mask.any()
