@@ -60,6 +60,7 @@ def worker(rank: int, world: int, port: int, opts: dict[str, Any], result_file: 
     torch.set_num_threads(opts["threads"])
     from embedtune.models import AutoBiEncoder
     from embedtune.training import distributed as D
+    from embedtune.training.gradcache import GradCache
     from embedtune.training.loss import InfoNCELoss, LossConfig
 
     device = opts["device"]
@@ -88,15 +89,29 @@ def worker(rank: int, world: int, port: int, opts: dict[str, Any], result_file: 
             else torch.autocast("cpu", enabled=False)
         )
 
+        chunk = opts["gradcache"]
+
+        def encode(x: dict[str, torch.Tensor]) -> torch.Tensor:
+            with autocast:
+                return model(**x)
+
         def step(i: int) -> float:
             q_in, p_in, ids = batches[i % len(batches)]
             q_in = {k: v.to(ctx.device) for k, v in q_in.items()}
             p_in = {k: v.to(ctx.device) for k, v in p_in.items()}
+            ids = ids.to(ctx.device)
             opt.zero_grad(set_to_none=True)
-            with autocast:
-                q, p = model(**q_in), model(**p_in)
-            loss = D.cross_rank_loss(loss_fn, q, p, n_passages=n, doc_keys=[ids.to(ctx.device)])
-            loss.backward()
+
+            def loss_of(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+                return D.cross_rank_loss(loss_fn, q, p, n_passages=n, doc_keys=[ids])
+
+            if chunk:
+                if opts["sync_once"] and isinstance(model, D.ForwardingDDP):
+                    model.sync_on_last_of(-(-b // chunk) - (-(b * n) // chunk))
+                loss = GradCache(encode, chunk)(q_in, p_in, loss_of)
+            else:
+                loss = loss_of(encode(q_in), encode(p_in))
+                loss.backward()
             D.clip_grad_norm(list(model.parameters()), 1.0)
             opt.step()
             return loss.item()
@@ -155,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
+    ap.add_argument(
+        "--gradcache",
+        type=int,
+        default=0,
+        metavar="CHUNK",
+        help="use GradCache with this chunk size; DDP rows then compare one gradient all-reduce per chunk "
+        "with one per step",
+    )
     ap.add_argument("--gpu", action="store_true", help="also time 1 GPU (NCCL-free, one rank)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     args = ap.parse_args(argv)
@@ -171,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "bf16": False,
         "device": "cpu",
+        "gradcache": args.gradcache,
+        "sync_once": True,
     }
     ranks = [int(r) for r in args.ranks.split(",")]
     rows: list[tuple[str, int, float]] = []
@@ -179,17 +204,23 @@ def main(argv: list[str] | None = None) -> int:
         f"steps={args.steps} threads/rank={args.threads} cpus={os.cpu_count()} torch={torch.__version__}",
         flush=True,
     )
-    print(f"| {'setup':<24} | ranks | global batch | examples/s | speed-up vs 1 | efficiency |")
-    print(f"|{'-' * 26}|-------|--------------|------------|---------------|------------|")
-    for strategy in args.strategies.split(","):
+    print(f"| {'setup':<32} | ranks | global batch | examples/s | speed-up vs 1 | efficiency |")
+    print(f"|{'-' * 34}|-------|--------------|------------|---------------|------------|")
+    variants = [(s, True) for s in args.strategies.split(",")]
+    if args.gradcache and "ddp" in args.strategies.split(","):
+        variants.append(("ddp", False))  # the same, reducing after every chunk's backward
+    for strategy, sync_once in variants:
         single = None
+        label = "CPU gloo " + strategy + (f" gc{args.gradcache}" if args.gradcache else "")
+        if args.gradcache and strategy == "ddp":
+            label += " 1 reduce/step" if sync_once else " reduce/chunk"
         for w in ranks:
-            eps = run_config(w, {**base, "strategy": strategy}, args.timeout)
+            eps = run_config(w, {**base, "strategy": strategy, "sync_once": sync_once}, args.timeout)
             single = single or (eps if w == 1 else None)
             speedup = f"{eps / single:.2f}x" if single else "-"
             eff = f"{eps / (w * single):.2f}" if single else "-"
             print(
-                f"| {'CPU gloo ' + strategy:<24} | {w:>5} | {w * args.local_batch:>12} | {eps:>10.1f} | {speedup:>13} | {eff:>10} |",
+                f"| {label:<32} | {w:>5} | {w * args.local_batch:>12} | {eps:>10.1f} | {speedup:>13} | {eff:>10} |",
                 flush=True,
             )
             rows.append((strategy, w, eps))

@@ -23,6 +23,7 @@ final model            consolidated to one plain folder on rank 0 (``save_consol
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -202,8 +203,26 @@ class DistributedBiEncoderRecipe(BiEncoderRecipe):
             [mb["doc_ids"].reshape(-1), fp], dim=1
         )  # (N, 2) raw keys, labelled after the gather
 
+    def _grad_forwards(self, batch: dict[str, Any]) -> int:
+        """How many grad-enabled forward passes the base recipe's step makes for ``batch``."""
+        micro = list(self._micro_batches(batch))
+        if not self.cfg.gradcache.enabled:
+            return 2 * len(micro)  # queries, passages; one backward per micro-batch
+        c = self.cfg.gradcache.chunk_size
+        rows = [(mb["query"]["input_ids"].shape[0], mb["passages"]["input_ids"].shape[0]) for mb in micro]
+        return sum(math.ceil(q / c) + math.ceil(p / c) for q, p in rows)  # one replay (+ backward) per chunk
+
     def _train_step(self, batch: dict[str, Any]) -> tuple[float, float]:
+        ddp = self.model if isinstance(self.model, D.ForwardingDDP) else None
+        if ddp is not None:  # one gradient all-reduce per step, not one per micro-batch or chunk
+            ddp.sync_on_last_of(self._grad_forwards(batch))
         loss, grad_norm = super()._train_step(batch)
+        if ddp is not None and ddp.pending_sync_forwards:
+            raise RuntimeError(
+                f"internal error: the step made fewer forward passes than planned ({ddp.pending_sync_forwards} "
+                "left), so gradients were not all-reduced; DistributedBiEncoderRecipe._grad_forwards is out of "
+                "date with BiEncoderRecipe._train_step"
+            )
         mean = torch.tensor([loss], dtype=torch.float64, device=self.ctx.device)
         torch.distributed.all_reduce(mean)  # the logged loss: mean over ranks = the global batch's
         # Every rank learns about a signal any rank received, at the same point of the same step.

@@ -106,7 +106,12 @@ def _step_loss(
         return loss_fn(q, p, n_passages=N_PASSAGES, doc_ids=ids, offset=0)
 
     if gradcache:
-        return GradCache(_encode(model), gradcache)(mb["query"], mb["passages"], loss_of)
+        if isinstance(model, D.ForwardingDDP):  # reduce once, in the last chunk's backward
+            q_rows, p_rows = mb["query"]["input_ids"].shape[0], mb["passages"]["input_ids"].shape[0]
+            model.sync_on_last_of(-(-q_rows // gradcache) - (-p_rows // gradcache))
+        loss = GradCache(_encode(model), gradcache)(mb["query"], mb["passages"], loss_of)
+        assert not getattr(model, "pending_sync_forwards", 0)
+        return loss
     loss = loss_of(_encode(model)(mb["query"]), _encode(model)(mb["passages"]))
     loss.backward()
     return loss.detach()
