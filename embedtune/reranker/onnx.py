@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from embedtune.errors import EmbedtuneError
+from embedtune.export.errors import VerificationError
 
 __all__ = ["OnnxReranker", "export_reranker_onnx"]
 
@@ -110,7 +110,7 @@ def export_reranker_onnx(
         A report: path, inputs, max abs difference, cases checked.
 
     Raises:
-        EmbedtuneError: the graph disagrees with PyTorch beyond ``atol`` or orders pairs differently.
+        VerificationError: (an ``EmbedtuneError``) the graph disagrees with PyTorch beyond ``atol`` or orders pairs differently.
     """
     from embedtune.reranker.model import SETTINGS_FILE, CrossEncoderReranker
 
@@ -152,7 +152,7 @@ def export_reranker_onnx(
         worst = max(worst, diff)
         cases += 1
         if diff > atol:
-            raise EmbedtuneError(
+            raise VerificationError(
                 f"{out}/model.onnx: scores differ from PyTorch by {diff:.2e} (> atol {atol:g}) at batch size {size} — "
                 "the export is wrong; do not ship it (try another opset, or report the model type)"
             )
@@ -161,7 +161,7 @@ def export_reranker_onnx(
             and len(set(np.round(ref, 4))) == size
             and not np.array_equal(np.argsort(-ref), np.argsort(-got))
         ):
-            raise EmbedtuneError(
+            raise VerificationError(
                 f"{out}/model.onnx: orders pairs differently from PyTorch at batch size {size}"
             )
     report = {

@@ -233,6 +233,15 @@ def test_onnx_export_matches_pytorch(tmp_path: Path, tiny_reranker):
     np.testing.assert_allclose(onnx_scores, tiny_reranker.predict(QUERIES, PASSAGES), atol=1e-4)
 
 
+def test_onnx_verification_refuses_a_graph_outside_the_tolerance(tmp_path: Path, tiny_reranker):
+    from embedtune.export.errors import VerificationError
+    from embedtune.reranker.onnx import export_reranker_onnx
+
+    # Any real graph differs from PyTorch by >= 0, so a negative tolerance must be refused.
+    with pytest.raises(VerificationError, match="differ from PyTorch"):
+        export_reranker_onnx(tiny_reranker, tmp_path / "onnx", atol=-1.0)
+
+
 def test_cli_score_orders_passages(tmp_path: Path, tiny_reranker, capsys):
     from embedtune.cli import main
 
