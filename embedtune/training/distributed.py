@@ -27,7 +27,9 @@ import json
 import os
 import shutil
 import signal
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -669,6 +671,15 @@ def _write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    # DCP warns on every single-process save/load that it "assumes" one process: that is the intent.
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        yield
+
+
 class DistributedCheckpointer:
     """Save and restore training state from all ranks at once, with DCP.
 
@@ -823,11 +834,12 @@ class DistributedCheckpointer:
                 _write_bytes(folder / "scheduler.json", json.dumps(scheduler or {}).encode())
                 _write_bytes(folder / "trainer_state.json", json.dumps(state_dict, indent=1).encode())
             # Last: DCP writes .metadata only after every rank's shards are written (the commit marker).
-            dcp.save(
-                self._state(model, optimizer),
-                checkpoint_id=str(folder / _DCP),
-                no_dist=not dist.is_initialized(),
-            )
+            with _single_process_quiet():
+                dcp.save(
+                    self._state(model, optimizer),
+                    checkpoint_id=str(folder / _DCP),
+                    no_dist=not dist.is_initialized(),
+                )
         except OSError as exc:
             previous = self.latest()
             raise CheckpointError(
@@ -915,7 +927,8 @@ class DistributedCheckpointer:
             )
         sd = self._state(model, optimizer)
         try:
-            dcp.load(sd, checkpoint_id=str(p / _DCP), no_dist=not dist.is_initialized())
+            with _single_process_quiet():
+                dcp.load(sd, checkpoint_id=str(p / _DCP), no_dist=not dist.is_initialized())
             rng = st_load((p / f"rank_{ctx.rank:05d}.safetensors").read_bytes())
             state = TrainState(**json.loads((p / "trainer_state.json").read_text()))
             scheduler = json.loads((p / "scheduler.json").read_text())

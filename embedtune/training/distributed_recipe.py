@@ -134,8 +134,13 @@ class DistributedBiEncoderRecipe(BiEncoderRecipe):
             import os
 
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, _local_world())))
-        if self.dist_cfg.cross_device_negatives:
+        if self._gathers_negatives:
             self.loss_fn = _CrossRankLoss(self.loss_fn)
+
+    @property
+    def _gathers_negatives(self) -> bool:
+        # Without in-batch negatives each query sees only its own group: nothing to gather.
+        return self.dist_cfg.cross_device_negatives and self.cfg.loss.in_batch_negatives
 
     def _load_model(self) -> nn.Module:
         self.device = self.ctx.device  # the base chose cuda/cpu; the rank picks *which* GPU
@@ -161,7 +166,7 @@ class DistributedBiEncoderRecipe(BiEncoderRecipe):
                 f"distributed: {self.ctx.world_size} ranks ({self.ctx.backend}, {self.dist_cfg.strategy}); global "
                 f"batch {s.global_batch_size} = {plan.micro_batch_size} per rank per pass × {self.ctx.world_size} "
                 f"ranks × {plan.accumulation_steps} accumulation steps; cross-rank negatives "
-                f"{'on' if self.dist_cfg.cross_device_negatives else 'off'}",
+                f"{'on' if self._gathers_negatives else 'off'}",
                 flush=True,
             )
         return RankLocalData(super()._load_data(), plan)
@@ -192,7 +197,7 @@ class DistributedBiEncoderRecipe(BiEncoderRecipe):
 
     # ---------------------------------------------------------------------------------- step hooks
     def _negative_ids(self, mb: dict[str, Any]) -> Tensor | None:
-        if not self.dist_cfg.cross_device_negatives:
+        if not self._gathers_negatives:
             return super()._negative_ids(mb)
         if not self.cfg.loss.mask_false_negatives:
             return None
@@ -223,10 +228,12 @@ class DistributedBiEncoderRecipe(BiEncoderRecipe):
                 "left), so gradients were not all-reduced; DistributedBiEncoderRecipe._grad_forwards is out of "
                 "date with BiEncoderRecipe._train_step"
             )
-        mean = torch.tensor([loss], dtype=torch.float64, device=self.ctx.device)
-        torch.distributed.all_reduce(mean)  # the logged loss: mean over ranks = the global batch's
         # Every rank learns about a signal any rank received, at the same point of the same step.
         self._stop_signal = D.agree_on_signal(self._pending_signal, self.ctx)
+        if not self.ctx.is_distributed:
+            return loss, grad_norm
+        mean = torch.tensor([loss], dtype=torch.float64, device=self.ctx.device)
+        torch.distributed.all_reduce(mean)  # the logged loss: mean over ranks = the global batch's
         return float(mean.item()) / self.ctx.world_size, grad_norm
 
     @contextmanager
