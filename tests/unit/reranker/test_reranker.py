@@ -265,3 +265,59 @@ def test_cli_score_orders_passages(tmp_path: Path, tiny_reranker, capsys):
     )
     scores = [float(line.split("\t")[0]) for line in capsys.readouterr().out.strip().splitlines()]
     assert scores == sorted(scores, reverse=True) and len(scores) == 2
+
+
+def test_cli_train_from_yaml_then_eval_reports_the_gain(tmp_path: Path, capsys):
+    from embedtune.cli import main
+
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text(
+        "".join(
+            json.dumps({"_id": f"d{i}", "title": "", "text": f"text {i} about {i % 4}"}) + "\n"
+            for i in range(30)
+        )
+    )
+    (beir / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{i}", "text": f"about {i % 4} {i}"}) + "\n" for i in range(8))
+    )
+    for split in ("train", "test"):
+        (beir / "qrels" / f"{split}.tsv").write_text(
+            "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(8))
+        )
+    recipe = tmp_path / "rerank.yaml"
+    recipe.write_text(
+        f"recipe: rerank\nmodel: tiny-bert\ndata: {beir}\noutput_dir: {tmp_path / 'out'}\n"
+        "group_size: 2\nbatch_size: 4\nmax_length: 24\nmax_steps: 2\ndevice: cpu\n"
+    )
+    assert main(["rerank", "train", str(recipe), "optimizer.lr=1e-4"]) == 0
+    model_dir = tmp_path / "out" / "model"
+    assert (model_dir / "embedtune_reranker.json").is_file()
+    capsys.readouterr()
+    out_json = tmp_path / "metrics.json"
+    rc = main(
+        [
+            "rerank",
+            "eval",
+            "--reranker",
+            str(model_dir),
+            "--retriever",
+            "tiny-bert",
+            "--data",
+            str(beir),
+            "--top-k",
+            "10",
+            "--max-length",
+            "24",
+            "--cache-dir",
+            str(tmp_path / "emb"),
+            "--json",
+            str(out_json),
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| ndcg@10 |" in printed and "reranking the top 10" in printed
+    m = json.loads(out_json.read_text())
+    assert m["gain"]["ndcg@10"] == pytest.approx(m["reranked"]["ndcg@10"] - m["retriever"]["ndcg@10"])
+    assert main(["rerank", "train", str(recipe), "group_size=1"]) == 2  # a recipe error is one line, exit 2
