@@ -71,3 +71,32 @@ def test_train_fails_fast_before_loading_anything(tmp_path, capsys):
     assert main(["train", str(bad)]) == 2
     assert time.perf_counter() - t0 < 10  # no model was loaded
     assert f"{bad}: loss.temperature: must be > 0" in capsys.readouterr().err
+
+
+def test_demo_prints_before_and_after(tmp_path, monkeypatch, capsys):
+    """`embedtune demo` wiring on a tiny model: bundled data resolved, before/after table, saved model."""
+    monkeypatch.chdir(tmp_path)  # not the repository: the bundled data paths must still resolve
+    out = tmp_path / "demo"
+    rc = main(
+        [
+            "demo",
+            "model.name_or_path=tiny-llama",
+            f"output_dir={out}",
+            "step_scheduler.max_steps=2",
+            "step_scheduler.global_batch_size=4",
+            "data.p_max_len=32",
+            "validation.max_queries=6",
+            "validation.max_corpus=30",
+            "logging.progress_bar=false",
+            "num_threads=1",
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "NDCG@10" in text and "Recall@10" in text
+    assert [line.split()[0] for line in text.splitlines() if line.split()[:1] in (["before"], ["after"])] == [
+        "before",
+        "after",
+    ]
+    assert f"saved: {out / 'model'}" in text
+    assert (out / "model" / "config.json").is_file()
