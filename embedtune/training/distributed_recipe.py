@@ -136,6 +136,7 @@ class DistributedBiEncoderRecipe(BiEncoderRecipe):
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, _local_world())))
         if self._gathers_negatives:
             self.loss_fn = _CrossRankLoss(self.loss_fn)
+        _allocate_fsdp_buffers(self.model)
 
     @property
     def _gathers_negatives(self) -> bool:
@@ -256,6 +257,13 @@ class DistributedBiEncoderRecipe(BiEncoderRecipe):
             for s, h in previous.items():
                 signal.signal(s, h)
 
+    def _inference_model(self) -> nn.Module:
+        # Merging a copy of sharded LoRA layers is not possible: validate with the adapters unmerged
+        # (same embeddings, slower). Every rank takes part, as FSDP2's forward is a collective.
+        if self.cfg.peft is not None and _is_sharded(D.unwrap(self.model)):
+            return self.model
+        return super()._inference_model()
+
     # ---------------------------------------------------------------------------------- checkpoints
     def _saved_this_step(self) -> bool:
         latest = self.ckpt.latest()
@@ -303,6 +311,22 @@ class DistributedBiEncoderRecipe(BiEncoderRecipe):
             super().cleanup()
         finally:
             D.destroy_distributed()
+
+
+def _allocate_fsdp_buffers(model: nn.Module) -> None:
+    """Gather and free every FSDP2 group once, outside inference mode.
+
+    FSDP2 creates each group's unsharded parameter tensors at the first all-gather and reuses them. If
+    that first all-gather runs under ``torch.inference_mode`` (validation at step 0: ``encode`` uses it),
+    they become inference tensors, and the first training forward fails writing into them.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.unshard()
+                m.reshard()
 
 
 def _is_sharded(module: nn.Module) -> bool:

@@ -128,3 +128,27 @@ def test_recipe_sigterm_to_rank1_then_resume_is_exact(tmp_path, strategy):
 
 def _logs(folder: Path) -> str:
     return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(folder.glob("rank*.log")))
+
+
+def test_fsdp2_lora_with_validation_trains_and_consolidates(tmp_path):
+    """FSDP2 + LoRA + validation at step 0 (encode under inference mode before the first training step)."""
+    if not _has_distributed_block():
+        pytest.skip("TrainConfig has no `distributed:` block yet (see docs/distributed.md)")
+    from _train_helpers import write_pairs
+
+    val = write_pairs(tmp_path / "val.jsonl", n=20, seed=3)
+    recipe = _recipe(
+        tmp_path,
+        "run",
+        distributed={"strategy": "fsdp2"},
+        peft={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        validation={"data": str(val), "every_n_steps": 2, "eval_at_start": True},
+        step_scheduler={"max_steps": 4, "ckpt_every_steps": None},
+    )
+    r = _train(recipe, "--nproc-per-node", "2")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "2 ranks (gloo, fsdp2)" in r.stdout
+    from embedtune.models import AutoBiEncoder
+
+    model = AutoBiEncoder.from_pretrained(str(tmp_path / "run" / "run" / "model"))  # plain, LoRA merged
+    assert model.encode(["alpha beta"]).shape == (1, 64)
