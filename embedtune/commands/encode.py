@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--backend",
+        "--runtime",
+        dest="backend",
         choices=["torch", "onnx"],
         default=None,
         help="inference backend (default: onnx for a folder written by `embedtune export onnx`, else torch)",

@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--bf16", action="store_true", help="encode under bfloat16 autocast (faster, ~1e-3 off)"
     )
     parser.add_argument("--backend", choices=("exact", "faiss"), default="exact", help="search back-end")
+    parser.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),
+        default=None,
+        help="encoder runtime (default: onnx for a folder written by `embedtune export onnx`, else torch)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument(
         "--cache-dir", default=None, help="corpus-embedding cache (default: embedtune's cache)"
@@ -107,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from embedtune.eval.cache import default_cache_dir
     from embedtune.eval.datasets import EvalDataWarning, load_eval_set
     from embedtune.eval.retrieval import run_evaluation, write_trec_run
-    from embedtune.models.auto import AutoBiEncoder
+    from embedtune.export.runtime import load_encoder
 
     if any(k < 1 for k in args.k):
         raise ConfigError(f"--k: cut-offs must be >= 1, got {args.k}")
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"embedtune eval: warning: {line}", file=sys.stderr)
     eval_set = eval_set.subset(args.max_queries, args.max_corpus, args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = AutoBiEncoder.from_pretrained(args.model, device=device)
+    encoder = load_encoder(args.model, args.runtime or "auto", device=device)
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     result = run_evaluation(
         encoder,

@@ -23,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
     parser.add_argument("--bf16", action="store_true", help="encode under bfloat16 autocast")
     parser.add_argument("--backend", choices=("exact", "faiss"), default="exact", help="search back-end")
+    parser.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),
+        default=None,
+        help="encoder runtime (default: onnx for a folder written by `embedtune export onnx`, else torch)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument(
         "--cache-dir", default=None, help="corpus-embedding cache (default: embedtune's cache)"
@@ -51,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from embedtune.eval.datasets import load_corpus
     from embedtune.eval.retrieval import encode_corpus
     from embedtune.eval.search import search
-    from embedtune.models.auto import AutoBiEncoder
+    from embedtune.export.runtime import load_encoder
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k: must be >= 1, got {args.top_k}")
@@ -62,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if len(corpus) == 0:
         raise DataError(f"{args.corpus}: the corpus is empty — nothing to search")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = AutoBiEncoder.from_pretrained(args.model, device=device)
+    encoder = load_encoder(args.model, args.runtime or "auto", device=device)
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     doc_emb, _ = encode_corpus(
         encoder,

@@ -154,3 +154,66 @@ def test_cli_errors_are_one_line_with_the_fix(
     )
     assert main(["export", "onnx", "--model", str(saved_model), "--output", str(tmp_path / "o3")]) == 2
     assert "pip install 'embedtune[onnx]'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_beir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("beir")
+    docs = {
+        f"d{i}": f"document {i} about {w}"
+        for i, w in enumerate(["cats", "ships", "rain", "jazz", "bread"] * 3)
+    }
+    (root / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": k, "title": "", "text": v}) + "\n" for k, v in docs.items())
+    )
+    queries = {"q0": "cats", "q1": "jazz music", "q2": "rain"}
+    (root / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": k, "text": v}) + "\n" for k, v in queries.items())
+    )
+    (root / "qrels").mkdir()
+    (root / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td3\t1\nq2\td2\t1\nq2\td7\t1\n"
+    )
+    return root
+
+
+def test_eval_and_search_run_an_onnx_export_like_the_torch_model(
+    saved_model, exported, tiny_beir, tmp_path, capsys
+):
+    metrics = {}
+    for name, model, extra in (
+        ("torch", saved_model, []),
+        ("onnx", exported, []),
+        ("flag", exported, ["--runtime", "onnx"]),
+    ):
+        out = tmp_path / f"{name}.json"
+        args = ["eval", "--model", str(model), "--data", str(tiny_beir), "--no-cache", "--max-length", "64"]
+        assert main([*args, "--output", str(out), *extra]) == 0
+        metrics[name] = json.loads(out.read_text())["metrics"]
+    for key, value in metrics["torch"].items():
+        assert metrics["onnx"][key] == pytest.approx(value, abs=1e-6)
+        assert metrics["flag"][key] == pytest.approx(value, abs=1e-6)
+    capsys.readouterr()
+    hits = {}
+    for name, model in (("torch", saved_model), ("onnx", exported)):
+        assert (
+            main(
+                [
+                    "search",
+                    "jazz",
+                    "--model",
+                    str(model),
+                    "--corpus",
+                    str(tiny_beir),
+                    "--no-cache",
+                    "--json",
+                    "-k",
+                    "3",
+                ]
+            )
+            == 0
+        )
+        hits[name] = [
+            json.loads(line)["id"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+        ]
+    assert hits["onnx"] == hits["torch"] and len(hits["torch"]) == 3
