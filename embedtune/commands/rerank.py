@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "cross-encoder reranker: train (recipe: rerank), eval (gain over a bi-encoder's top-k), score, export"
+HELP = (
+    "cross-encoder reranker: train (recipe: rerank), eval (gain over a bi-encoder's top-k), score, export, "
+    "distill (bi-encoder training with a KL term to the reranker)"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--query", required=True)
     s.add_argument("--passage", action="append", required=True, help="repeat for several passages")
 
+    d = sub.add_parser("distill", help="train a bi-encoder (embedtune train recipe) with a `distill:` block")
+    d.add_argument(
+        "recipe", help="a training recipe plus distill: {weight, teacher, teacher_temperature, ...}"
+    )
+    d.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distill.weight=0.5")
+
     x = sub.add_parser("export", help="export to ONNX and verify against PyTorch")
     x.add_argument("--reranker", required=True)
     x.add_argument("--output", required=True, help="output folder (model.onnx + tokenizer + settings)")
@@ -73,6 +82,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.action == "eval":
         return _eval(args)
+    if args.action == "distill":
+        from embedtune.training.distill import load_distill_config, train_with_distillation
+
+        cfg = load_distill_config(args.recipe, args.overrides)  # fails fast, before any model is loaded
+        result = train_with_distillation(cfg)
+        if result.exit_code == 0:
+            print(
+                f"done: {result.state.step} steps ({result.stop_reason}); model saved to {result.model_dir}"
+            )
+        return int(result.exit_code)
     if args.action == "score":
         from embedtune.reranker import CrossEncoderReranker
 

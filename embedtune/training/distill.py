@@ -18,14 +18,28 @@ distributions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from embedtune.errors import ConfigError
+from embedtune.training.config import TrainConfig
+from embedtune.training.recipe import BiEncoderRecipe
 
-__all__ = ["DistillConfig", "OnlineTeacher", "TeacherScores", "distillation_kl", "group_scores"]
+__all__ = [
+    "DistillConfig",
+    "DistillTrainConfig",
+    "DistillationRecipe",
+    "OnlineTeacher",
+    "TeacherScores",
+    "distillation_kl",
+    "group_scores",
+    "load_distill_config",
+    "train_with_distillation",
+]
 
 
 @dataclass
@@ -41,6 +55,12 @@ class DistillConfig:
     score_field: str = "ce_score"
     """Field of each ``pos_doc``/``neg_doc`` entry that holds the teacher's score (``embedtune mine
     --reranker`` writes ``ce_score``)."""
+    teacher: str | None = None
+    """Where teacher scores come from: a mined ``.json``/``.jsonl`` file holding ``score_field`` (usually
+    the training data itself), or a reranker folder to score every batch on the fly. null: the first
+    training data set's file."""
+    teacher_batch_size: int = 64
+    """Pairs per teacher forward pass (on-the-fly teacher only)."""
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -205,3 +225,148 @@ class OnlineTeacher:
         s = self.reranker.predict(flat_q, flat_p, batch_size=self.batch_size, bf16=self.bf16)  # type: ignore[attr-defined]
         scores = torch.as_tensor(s, dtype=torch.float32).view(len(queries), -1)
         return scores, torch.ones_like(scores, dtype=torch.bool)
+
+
+# ------------------------------------------------------------------------------ the recipe
+
+
+@dataclass
+class DistillTrainConfig(TrainConfig):
+    """A training recipe (every key of ``embedtune train``) plus an optional ``distill:`` block."""
+
+    distill: DistillConfig | None = None
+    """KL distillation from a reranker's scores (null: plain contrastive training)."""
+
+
+def load_distill_config(
+    source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+) -> DistillTrainConfig:
+    """Load a training recipe that may hold a ``distill:`` block.
+
+    Raises:
+        ConfigError: invalid recipe, naming the file and key.
+    """
+    from embedtune.config import load_config
+
+    return load_config(DistillTrainConfig, source, list(overrides))
+
+
+class _TeacherBatches:
+    """The recipe's ``TrainingData`` with teacher scores attached to every collated batch."""
+
+    def __init__(self, data: object, teacher: object) -> None:
+        self.data, self.teacher = data, teacher
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.data, name)
+
+    def batch(self, epoch: int, step_in_epoch: int, batch_size: int) -> dict:
+        ds = self.data.dataset  # type: ignore[attr-defined]
+        ds.set_epoch(epoch)
+        start = step_in_epoch * batch_size
+        items = [ds[i] for i in range(start, start + batch_size)]
+        out = self.data.collator(items)  # type: ignore[attr-defined]
+        out["teacher"], out["teacher_mask"] = self.teacher.matrix(  # type: ignore[attr-defined]
+            [it.query for it in items], [list(it.passages) for it in items]
+        )
+        return out
+
+
+class _DistillLoss(torch.nn.Module):
+    """The recipe's contrastive loss + ``weight * distillation_kl`` on the current micro-batch's groups."""
+
+    def __init__(
+        self, base: torch.nn.Module, cfg: DistillConfig, student_temperature: float, recipe: object
+    ) -> None:
+        super().__init__()
+        self.base, self.cfg, self.tau_s, self.recipe = base, cfg, student_temperature, recipe
+        self.last_kl: float | None = None
+
+    def forward(
+        self,
+        queries: Tensor,
+        passages: Tensor,
+        *,
+        n_passages: int,
+        doc_ids: Tensor | None = None,
+        offset: int = 0,
+    ) -> Tensor:
+        loss = self.base(queries, passages, n_passages=n_passages, doc_ids=doc_ids, offset=offset)
+        teacher, mask = self.recipe._teacher_mb  # type: ignore[attr-defined]
+        b = queries.shape[0]
+        # This micro-batch's own groups: rows [offset * n, (offset + b) * n) of the passages.
+        own = passages[offset * n_passages : (offset + b) * n_passages]
+        student = group_scores(queries, own, n_passages)  # (b, n)
+        rows = mask.any(dim=1)
+        if rows.any() and self.cfg.weight > 0:
+            kl = distillation_kl(
+                student[rows.to(student.device)],
+                teacher[rows].to(student.device),
+                student_temperature=self.tau_s,
+                teacher_temperature=self.cfg.teacher_temperature,
+                mask=mask[rows].to(student.device),
+            )
+            self.last_kl = float(kl.detach())
+            loss = loss + self.cfg.weight * kl
+        return loss
+
+
+class DistillationRecipe(BiEncoderRecipe):
+    """``BiEncoderRecipe`` + a KL term to a reranker's scores (``distill:`` block of the recipe).
+
+    Teacher scores travel with each collated batch (``teacher``, ``teacher_mask``: (B, n_passages)),
+    are sliced with the micro-batches, and the loss adds
+    ``distill.weight * distillation_kl(student group scores, teacher scores)``. With ``distill: null``
+    it is exactly the base recipe.
+    """
+
+    def setup(self) -> None:
+        super().setup()
+        d = self.cfg.distill
+        if d is None:
+            return
+        self.data = _TeacherBatches(self.data, self._build_teacher(d))
+        tau_s = d.student_temperature or self.cfg.loss.temperature
+        self.loss_fn = _DistillLoss(self.loss_fn, d, tau_s, self)
+
+    def _build_teacher(self, d: DistillConfig) -> object:
+        source = d.teacher or self.cfg.data.datasets[0].path
+        if Path(source).is_dir() and not (Path(source) / "corpus.jsonl").is_file():
+            from embedtune.reranker import CrossEncoderReranker
+
+            ce = CrossEncoderReranker.from_pretrained(source, device=self.device)
+            return OnlineTeacher(ce, batch_size=d.teacher_batch_size, bf16=self.cfg.bf16)
+        return TeacherScores.from_mined_file(str(source), d.score_field)
+
+    def _micro_batches(self, batch: dict) -> object:
+        offset = 0
+        for mb in super()._micro_batches(batch):
+            if "teacher" in batch:
+                b = mb["query"]["input_ids"].shape[0]
+                mb["teacher"] = batch["teacher"][offset : offset + b]
+                mb["teacher_mask"] = batch["teacher_mask"][offset : offset + b]
+                offset += b
+            yield mb
+
+    def _negative_ids(self, mb: dict) -> Tensor | None:
+        # Called once per micro-batch right before its loss: the loss reads the teacher from here.
+        if "teacher" in mb:
+            self._teacher_mb = (mb["teacher"], mb["teacher_mask"])
+        return super()._negative_ids(mb)
+
+
+def train_with_distillation(cfg: DistillTrainConfig) -> Any:
+    """Run a whole recipe with distillation: setup, train, cleanup (``embedtune rerank distill``).
+
+    Returns:
+        The recipe's ``TrainResult``.
+    """
+    recipe = DistillationRecipe(cfg)
+    try:
+        recipe.setup()
+        return recipe.train()
+    finally:
+        recipe.cleanup()

@@ -109,3 +109,65 @@ def test_teacher_scores_round_trip_through_a_mined_file(tmp_path):
         torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
     _unknown, mask = lookup.matrix(["never seen"], [["nothing"]])
     assert not mask.any()
+
+
+def test_distillation_recipe_adds_exactly_the_weighted_kl_and_trains(tmp_path):
+    import json
+
+    from embedtune.data.formats import read_training_file
+    from embedtune.mining import MiningSettings, mine_hard_negatives, write_mined
+    from embedtune.models import AutoBiEncoder
+    from embedtune.training.distill import DistillationRecipe, load_distill_config
+
+    src = tmp_path / "pairs.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps({"query": f"question {i}", "pos_doc": f"answer {i} " + "x" * i}) + "\n"
+            for i in range(12)
+        )
+    )
+    data = read_training_file(src, cache_dir=tmp_path / "c")
+    enc = AutoBiEncoder.from_pretrained("tiny-bert", max_length=16)
+    res = mine_hard_negatives(enc, data, MiningSettings(3, 0, 8, margin=None), reranker=_LengthTeacher())
+    mined = write_mined(data, res, tmp_path / "mined.jsonl")[0]
+    recipe = {
+        "output_dir": str(tmp_path / "run"),
+        "seed": 3,
+        "num_threads": 1,
+        "model": {"name_or_path": "tiny-bert"},
+        "data": {"datasets": [{"path": str(mined)}], "n_passages": 3, "q_max_len": 16, "p_max_len": 24},
+        "optimizer": {"lr": 1e-3},
+        "step_scheduler": {"global_batch_size": 4, "max_steps": 2},
+        "logging": {"progress_bar": False, "plot": False},
+        "distill": {"weight": 0.5, "teacher_temperature": 2.0},
+    }
+    r = DistillationRecipe(load_distill_config(recipe))
+    r.setup()
+    batch = r.data.batch(0, 0, 4)
+    assert batch["teacher"].shape == (4, 3) and batch["teacher_mask"].all()
+    mb = next(iter(r._micro_batches(batch)))
+    r._negative_ids(mb)
+    with torch.no_grad():
+        q = r.model(**mb["query"])
+        p = r.model(**mb["passages"])
+        total = r.loss_fn(q, p, n_passages=3)
+        base = r.loss_fn.base(q, p, n_passages=3)
+        kl = distillation_kl(
+            group_scores(q, p, 3),
+            mb["teacher"],
+            student_temperature=r.cfg.loss.temperature,
+            teacher_temperature=2.0,
+        )
+    assert kl > 0
+    assert (total - base).item() == pytest.approx(0.5 * kl.item(), rel=1e-5)
+    result = r.train()
+    assert result.exit_code == 0 and result.state.step == 2 and r.loss_fn.last_kl is not None
+    import yaml
+
+    from embedtune.cli import main
+
+    path = tmp_path / "distill.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["rerank", "distill", str(path), f"output_dir={tmp_path / 'cli-run'}"]) == 0
+    assert (tmp_path / "cli-run").is_dir()
+    assert main(["rerank", "distill", str(path), "distill.teacher_temperature=0"]) == 2
