@@ -161,6 +161,9 @@ def main() -> int:
     ap.add_argument("--max-test-corpus", type=int, default=None, help="smoke runs only")
     ap.add_argument("--max-train-queries", type=int, default=None, help="smoke runs only")
     ap.add_argument("--device", default=None)
+    ap.add_argument(
+        "--cache-dir", default=None, help="embedding cache shared by the base evaluation and mining"
+    )
     args = ap.parse_args()
 
     from embedtune.data.formats import read_training_file
@@ -192,7 +195,14 @@ def main() -> int:
 
     def evaluate(model: Any, top_k: int = 100) -> Any:
         return run_evaluation(
-            model, test, (1, 10, 100), batch_size=128, bf16=args.bf16, top_k=top_k, max_length=args.max_length
+            model,
+            test,
+            (1, 10, 100),
+            batch_size=128,
+            bf16=args.bf16,
+            top_k=top_k,
+            max_length=args.max_length,
+            cache_dir=args.cache_dir,
         )
 
     # 1. base model
@@ -219,6 +229,7 @@ def main() -> int:
         bf16=args.bf16,
         max_length=args.max_length,
         query_max_length=args.query_max_length,
+        cache_dir=args.cache_dir,
     )
     write_mined(train, mined, out / "scifact_train_mined.json", input_path=args.data)
     results["mining"] = {
