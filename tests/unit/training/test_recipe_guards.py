@@ -184,3 +184,26 @@ def test_fresh_run_refuses_to_mix_with_earlier_checkpoints(tmp_path):
         r.cleanup()
     with pytest.raises(ConfigError, match=r"already holds checkpoints.*checkpoint\.resume=latest"):
         _recipe(tmp_path)
+
+
+def test_gradient_accumulation_equals_one_big_batch_without_in_batch_negatives(tmp_path):
+    """Per-query loss (no in-batch negatives): 2 micro-batches of 4 == 1 batch of 8, up to rounding."""
+    sections = {"loss": {"in_batch_negatives": False, "temperature": 0.5}, "max_grad_norm": None}
+    whole = _recipe(tmp_path / "a", **sections, step_scheduler={"local_batch_size": None})
+    accum = _recipe(tmp_path / "b", **sections, step_scheduler={"local_batch_size": 4})
+    try:
+        batch = whole.data.batch(0, 0, 8)
+        grads = []
+        for r in (whole, accum):
+            r.model.double()
+            r.optimizer.step = lambda: None
+            loss, _ = r._train_step(batch)
+            grads.append((loss, {n: p.grad for n, p in r.model.named_parameters() if p.grad is not None}))
+        # BiEncoder pools in float32, so agreement is to float32 rounding.
+        assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+        assert grads[0][1].keys() == grads[1][1].keys()
+        for n, g in grads[0][1].items():
+            torch.testing.assert_close(grads[1][1][n], g, rtol=1e-4, atol=1e-10)
+    finally:
+        whole.cleanup()
+        accum.cleanup()
