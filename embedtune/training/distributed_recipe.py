@@ -237,6 +237,14 @@ class DistributedBiEncoderRecipe(BiEncoderRecipe):
         torch.distributed.all_reduce(mean)  # the logged loss: mean over ranks = the global batch's
         return float(mean.item()) / self.ctx.world_size, grad_norm
 
+    def _agree(self, flag: bool) -> bool:
+        """A stop decision made from rank-local clocks (the time budget), made the same on all ranks."""
+        if not self.ctx.is_distributed:
+            return flag
+        t = torch.tensor([int(flag)], device=self.ctx.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
     @contextmanager
     def _signals_to_flag(self) -> Iterator[None]:
         """SIGTERM/SIGINT only note the signal; it takes effect at the next agreement (end of the step)."""
