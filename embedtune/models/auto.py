@@ -45,6 +45,16 @@ MISTRAL3_TEXT_KEYS = {
     r"^language_model\.model\.": "",
     r"^language_model\.": "",
 }
+# EncoderSettings fields that from_pretrained's keyword arguments may override.
+OVERRIDABLE_SETTINGS = (
+    "pooling",
+    "normalize",
+    "query_prefix",
+    "passage_prefix",
+    "pool_instruction",
+    "max_length",
+    "padding_side",
+)
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -245,15 +255,8 @@ class AutoBiEncoder:
         if hasattr(backbone.config, "use_cache"):
             backbone.config.use_cache = False  # an encoder never decodes: building a KV cache is waste
 
-        overrides = {
-            "pooling": pooling,
-            "normalize": normalize,
-            "query_prefix": query_prefix,
-            "passage_prefix": passage_prefix,
-            "pool_instruction": pool_instruction,
-            "max_length": max_length,
-            "padding_side": padding_side,
-        }
+        arguments = locals()
+        overrides = {key: arguments[key] for key in OVERRIDABLE_SETTINGS}
         values = {**base_settings, **{k: v for k, v in overrides.items() if v is not None}}
         values.setdefault("padding_side", getattr(tokenizer, "padding_side", "right") or "right")
         values.setdefault("max_length", min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512))
@@ -348,33 +351,11 @@ class AutoBiEncoder:
             raise ModelLoadError(
                 f"{folder}/adapter_config.json: no base_model_name_or_path — cannot find the base"
             )
-        keys = (
-            "pooling",
-            "normalize",
-            "query_prefix",
-            "passage_prefix",
-            "pool_instruction",
-            "max_length",
-            "padding_side",
-            "dtype",
-            "attn_implementation",
-            "trust_remote_code",
-            "verify",
-            "bidirectional",
-        )
-        options = {k: kwargs[k] for k in keys}
-        if settings is not None:
-            for k in (
-                "pooling",
-                "normalize",
-                "query_prefix",
-                "passage_prefix",
-                "pool_instruction",
-                "max_length",
-                "padding_side",
-            ):
-                if options[k] is None:
-                    options[k] = getattr(settings, k)
+        load_keys = ("dtype", "attn_implementation", "trust_remote_code", "verify", "bidirectional")
+        options = {k: kwargs[k] for k in (*OVERRIDABLE_SETTINGS, *load_keys)}
+        for key in OVERRIDABLE_SETTINGS:  # the adapter's own settings unless the caller overrides them
+            if options[key] is None and settings is not None:
+                options[key] = getattr(settings, key)
         base = cls.from_pretrained(base_name, **options)
         with zoo.quiet_transformers():
             base.backbone = PeftModel.from_pretrained(base.backbone, str(folder))
