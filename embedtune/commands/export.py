@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 HELP = "export a bi-encoder to ONNX (pooling inside the graph) and verify it against PyTorch"
 
@@ -40,9 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--eval-data",
-        default=os.environ.get("EMBEDTUNE_EVAL_DATA"),
-        help="BEIR folder for the int8 NDCG@10 check (default: $EMBEDTUNE_EVAL_DATA; skipped when unset)",
+        default=None,
+        help="BEIR folder for the int8 NDCG@10 check (default: $EMBEDTUNE_EVAL_DATA, else the bundled "
+        "data/scifact-mini/test; skipped when neither exists)",
     )
+    parser.add_argument("--no-eval", action="store_true", help="skip the int8 NDCG@10 check")
     parser.add_argument("--eval-split", default="test", help="qrels split of --eval-data (default test)")
     parser.add_argument("--eval-queries", type=int, default=50, help="queries in the NDCG slice (default 50)")
     parser.add_argument(
@@ -55,12 +56,13 @@ def run(args: argparse.Namespace) -> int:
 
     require_onnx()  # before loading a model: the missing extra is the first thing to fix
     from embedtune.export.onnx import describe, export_onnx
-    from embedtune.export.verify import small_beir_slice
+    from embedtune.export.verify import bundled_eval_data, small_beir_slice
 
     eval_set = None
-    if args.quantize and args.eval_data and not args.no_verify:
+    eval_data = args.eval_data or bundled_eval_data()
+    if args.quantize and eval_data and not (args.no_verify or args.no_eval):
         eval_set = small_beir_slice(
-            args.eval_data, split=args.eval_split, max_queries=args.eval_queries, max_docs=args.eval_docs
+            eval_data, split=args.eval_split, max_queries=args.eval_queries, max_docs=args.eval_docs
         )
     result = export_onnx(
         args.model,

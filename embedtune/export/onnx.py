@@ -42,6 +42,7 @@ from embedtune.export.errors import OnnxExportError, VerificationError, require_
 from embedtune.export.runtime import ONNX_FILE, OnnxBiEncoder, is_onnx_export
 from embedtune.export.verify import (
     MIN_COSINE,
+    NDCG_MAX_LENGTH,
     VERIFY_TEXTS,
     ParityReport,
     SmallEvalSet,
@@ -445,8 +446,9 @@ def export_onnx(
                 _fail_below(result.parity, threshold, quantize or dtype)
             if quantize is not None and eval_set is not None:
                 fp32_enc = _session(fp32_dir, final_settings, bienc.tokenizer)
-                before = retrieval_ndcg(fp32_enc, eval_set)
-                after = retrieval_ndcg(onnx_enc, eval_set)
+                length = min(settings.max_length, NDCG_MAX_LENGTH)
+                before = retrieval_ndcg(fp32_enc, eval_set, max_length=length)
+                after = retrieval_ndcg(onnx_enc, eval_set, max_length=length)
                 result.ndcg = {"fp32": before, quantize: after, "delta": after - before}
                 say(
                     f"NDCG@10 on {eval_set.name}: fp32 {before:.4f}, {quantize} {after:.4f} (change {after - before:+.4f})"

@@ -218,6 +218,29 @@ class SmallEvalSet:
     doc_texts: list[str]
 
 
+# Tokens per text in the int8 NDCG check: enough for SciFact abstracts' opening, fast enough for an export.
+NDCG_MAX_LENGTH = 256
+
+
+def bundled_eval_data() -> Path | None:
+    """The BEIR folder for the int8 NDCG check when none is given.
+
+    ``$EMBEDTUNE_EVAL_DATA`` when set, else the bundled ``data/scifact-mini/test`` (in a source checkout,
+    or under the current directory); None when neither exists.
+    """
+    import os
+
+    env = os.environ.get("EMBEDTUNE_EVAL_DATA")
+    if env:
+        return Path(env)
+    package_root = Path(__file__).resolve().parents[2]
+    for root in (package_root, Path.cwd()):
+        candidate = root / "data" / "scifact-mini" / "test"
+        if (candidate / "corpus.jsonl").is_file():
+            return candidate
+    return None
+
+
 def small_beir_slice(
     folder: str | Path,
     *,
@@ -243,7 +266,7 @@ def small_beir_slice(
     keep = set(doc_ids)
     texts = data.corpus.texts([data.corpus.index_of(d) for d in doc_ids])
     return SmallEvalSet(
-        name=f"{Path(folder).name}[{split}, {len(qids)} queries, {len(doc_ids)} docs]",
+        name=f"{'/'.join(Path(folder).parts[-2:])}[{split}, {len(qids)} queries, {len(doc_ids)} docs]",
         queries={q: data.queries[q] for q in qids},
         qrels={q: {d: r for d, r in data.qrels[q].items() if d in keep} for q in qids},
         doc_ids=doc_ids,
