@@ -355,9 +355,11 @@ def export_onnx(
         else ("input_ids", "attention_mask")
     )
 
-    # Reference embeddings come from the model as loaded (LoRA unmerged), so the check also proves the merge.
     batches = verification_batches(bienc.tokenizer, settings, texts or VERIFY_TEXTS) if verify else []
-    reference = embed_batches(bienc, batches) if verify else []
+    reference: list[Any] = []
+    if verify and hasattr(bienc.backbone, "merge_and_unload"):
+        # Reference embeddings from the unmerged LoRA model, so the check also proves the merge.
+        reference = embed_batches(bienc, batches)
     merged = _merge_lora(bienc)
     if merged:
         say("merged the LoRA adapter into the base weights")
@@ -426,6 +428,8 @@ def export_onnx(
         final_settings.save(final_dir)
 
         if verify:
+            if not reference:  # computed after the export so that a failing export fails fast
+                reference = embed_batches(bienc, batches)
             # int8 has no fixed threshold (its cosine depends on the model); it is reported with NDCG.
             threshold = min_cosine if min_cosine is not None else (None if quantize else MIN_COSINE[dtype])
             if quantize is not None:
