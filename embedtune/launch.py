@@ -22,10 +22,18 @@ import argparse
 import os
 import signal
 from collections.abc import Sequence
+from typing import Any
 
 from embedtune.errors import ConfigError
 
-__all__ = ["EXIT_SIGTERM", "add_launch_arguments", "launch", "launch_requested", "torchrun_argv"]
+__all__ = [
+    "EXIT_SIGTERM",
+    "add_launch_arguments",
+    "check_before_launch",
+    "launch",
+    "launch_requested",
+    "torchrun_argv",
+]
 
 EXIT_SIGTERM = 143
 # Workers get this long after a SIGTERM to finish their step and write a checkpoint before torchrun
@@ -92,6 +100,25 @@ def launch_requested(args: argparse.Namespace) -> bool:
         return False  # already launched: this process is a rank
     nproc = getattr(args, "nproc_per_node", None) or 1
     return nproc > 1 or _nnodes_max(getattr(args, "nnodes", "1")) > 1
+
+
+def check_before_launch(cfg: Any, args: argparse.Namespace) -> None:
+    """Fail before starting any process when the recipe cannot be split over the requested ranks.
+
+    Args:
+        cfg: the loaded ``TrainConfig``.
+        args: the launch options.
+
+    Raises:
+        DistributedError: ``global_batch_size`` is not ``local_batch_size × ranks × accumulation``.
+    """
+    from embedtune.training.distributed import plan_batches
+
+    if ":" in str(args.nnodes):
+        return  # elastic node count: known only at rendezvous; each rank checks then
+    world = (args.nproc_per_node or 1) * _nnodes_max(args.nnodes)
+    s = cfg.step_scheduler
+    plan_batches(s.global_batch_size, s.local_batch_size, world, 0, gradcache=cfg.gradcache.enabled)
 
 
 def torchrun_argv(

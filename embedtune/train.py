@@ -36,6 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if launch_requested(args):
+            from embedtune.launch import check_before_launch
+            from embedtune.training.config import load_train_config
+
+            # One clear error here rather than one per rank after N processes have started.
+            check_before_launch(load_train_config(args.recipe, args.overrides), args)
             return launch([args.recipe, *args.overrides], args)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of torchrun's ranks
             return _run_rank(args)

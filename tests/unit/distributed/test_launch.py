@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
+
 from embedtune.errors import ConfigError
 from embedtune.launch import launch_requested, torchrun_argv
 from embedtune.train import build_parser
@@ -124,3 +126,16 @@ def test_sigterm_under_torchrun_saves_and_exits_143(tmp_path, target):
     step = json.loads((latest / "trainer_state.json").read_text())["step"]
     assert (latest / "dcp" / ".metadata").is_file() and 2 <= step < 8
     assert all((latest / f"rank_{r:05d}.safetensors").is_file() for r in (0, 1))
+
+
+def test_an_unsplittable_batch_fails_before_any_process_starts(tmp_path, capsys):
+    from _train_helpers import tiny_recipe, write_recipe
+
+    from embedtune.train import main
+
+    r = tiny_recipe(tmp_path)  # global 8, local 4
+    recipe = write_recipe(tmp_path / "recipe.yaml", r)
+    assert main([str(recipe), "--nproc-per-node", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "global_batch_size=8 cannot be split over 3 ranks" in err and "use 6 or 9" in err
+    assert not (tmp_path / "run").exists()  # nothing was started
