@@ -154,6 +154,26 @@ def test_mining_from_embeddings_never_returns_positives_and_matches_brute_force(
     assert [e.negatives for e in in_memory.examples] == [e.negatives for e in blocked.examples]
 
 
+def test_faiss_backend_and_random_sampling_are_consistent():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(3)
+    docs = _unit(rng.normal(size=(800, 12)))
+    positives = [rng.choice(800, size=2, replace=False) for _ in range(15)]
+    queries = _unit(np.stack([docs[p].mean(0) for p in positives]))
+    cfg = MiningSettings(num_negatives=4, range_start=2, range_end=40, margin=0.95)
+    exact = mine_from_embeddings(queries, docs, positives, cfg)
+    faiss = mine_from_embeddings(queries, docs, positives, cfg, backend="faiss")
+    assert [e.negatives for e in faiss.examples] == [e.negatives for e in exact.examples]
+    sampled = [MiningSettings(4, 2, 40, 0.95, sampling="random", seed=s) for s in (0, 0, 1)]
+    a, b, c = (mine_from_embeddings(queries, docs, positives, s).examples for s in sampled)
+    assert [e.negatives for e in a] == [e.negatives for e in b]  # seeded: reproducible
+    assert [e.negatives for e in a] != [e.negatives for e in c]  # another seed, another sample
+    for i, (ea, ee) in enumerate(zip(a, exact.examples)):
+        # A sample of the same window, after the same filter: below the threshold, never a positive.
+        assert all(s <= ee.threshold for s in ea.negative_scores)
+        assert not set(ea.negatives) & set(positives[i].tolist())
+
+
 def test_a_query_without_positive_is_refused():
     with pytest.raises(DataError, match="no positive"):
         mine_from_embeddings(
