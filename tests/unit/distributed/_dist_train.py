@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds per step (lets a test send a signal)")
     ap.add_argument("--no-consolidate", action="store_true")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--crash-rank1-at", type=int, default=0, help="rank 1 dies (os._exit) after this step")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                         + "\n"
                     )
             (out / f"progress_rank{ctx.rank}").write_text(str(state.step))
+            if ctx.rank == 1 and state.step == args.crash_rank1_at:
+                os._exit(3)  # a hard crash: no cleanup, no goodbye to the process group
             time.sleep(args.sleep)
             sig = D.agree_on_signal(stop[0] if stop else None, ctx)
             if sig or (args.ckpt_every and state.step % args.ckpt_every == 0):

@@ -118,3 +118,17 @@ def test_sigterm_to_rank1_saves_on_both_and_resume_is_exact(tmp_path, strategy):
     assert all(torch.equal(want[k], got[k]) for k in want)
     ref_losses, run_losses = _losses(ref), _losses(run)
     assert run_losses == ref_losses  # every step's loss, before and after the restart
+
+
+def test_a_crashed_rank_makes_the_other_fail_instead_of_hanging(tmp_path):
+    """Rank 1 dies mid-run: rank 0 must fail at its next collective, well within the timeout."""
+    out = tmp_path / "run"
+    out.mkdir()
+    t0 = time.monotonic()
+    procs = launch_ranks(
+        SCRIPT, 2, [str(out), "--steps", "6", "--crash-rank1-at", "2", "--no-consolidate"], log_dir=str(out)
+    )
+    codes = wait_all(procs, 240)
+    assert codes[1] == 3
+    assert codes[0] != 0, _logs(out)  # an error, not a hang and not a silent success
+    assert time.monotonic() - t0 < 200
