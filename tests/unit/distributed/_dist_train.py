@@ -49,12 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-consolidate", action="store_true")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--crash-rank1-at", type=int, default=0, help="rank 1 dies (os._exit) after this step")
+    ap.add_argument("--hang-rank1-at", type=int, default=0, help="rank 1 stops responding after this step")
+    ap.add_argument("--timeout-minutes", type=float, default=1.0, help="collective timeout")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     torch.set_num_threads(1)
-    ctx = D.init_distributed(D.DistributedConfig(timeout_minutes=1.0), device="cpu")
+    ctx = D.init_distributed(D.DistributedConfig(timeout_minutes=args.timeout_minutes), device="cpu")
     stop: list[int] = []
     previous = D.install_stop_handlers(lambda signum: stop.append(signum))
     try:
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             (out / f"progress_rank{ctx.rank}").write_text(str(state.step))
             if ctx.rank == 1 and state.step == args.crash_rank1_at:
                 os._exit(3)  # a hard crash: no cleanup, no goodbye to the process group
+            if ctx.rank == 1 and state.step == args.hang_rank1_at:
+                time.sleep(3600)  # alive but stuck (a deadlock, a hung device): only a timeout helps
             time.sleep(args.sleep)
             sig = D.agree_on_signal(stop[0] if stop else None, ctx)
             if sig or (args.ckpt_every and state.step % args.ckpt_every == 0):

@@ -132,3 +132,23 @@ def test_a_crashed_rank_makes_the_other_fail_instead_of_hanging(tmp_path):
     assert codes[1] == 3
     assert codes[0] != 0, _logs(out)  # an error, not a hang and not a silent success
     assert time.monotonic() - t0 < 200
+
+
+def test_a_stuck_rank_makes_the_other_fail_after_the_timeout(tmp_path):
+    """Rank 1 stops responding: rank 0's next collective fails after distributed.timeout_minutes."""
+    out = tmp_path / "run"
+    out.mkdir()
+    args = [str(out), "--steps", "6", "--hang-rank1-at", "2", "--timeout-minutes", "0.25", "--no-consolidate"]
+    procs = launch_ranks(SCRIPT, 2, args, log_dir=str(out))
+    try:
+        t0 = time.monotonic()
+        code0 = procs[0].wait(timeout=200)
+        waited = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+    assert code0 != 0, _logs(out)
+    assert waited < 200
+    assert "timed out" in _logs(out).lower() or "timeout" in _logs(out).lower(), _logs(out)
