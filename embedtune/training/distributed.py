@@ -102,6 +102,11 @@ class DistributedConfig:
     """FSDP2 only: free each block's gathered parameters after its forward and re-gather them for the
     backward (least memory). False keeps them until the backward (more memory, one all-gather less)."""
 
+    resume_on_other_world_size: bool = False
+    """Allow ``checkpoint.resume`` from a checkpoint written by a different number of ranks (e.g. after
+    losing a node). Weights, optimizer state (resharded by DCP), schedule and data position carry over;
+    per-rank random streams cannot, so the run continues but is not bitwise identical. Off: refused."""
+
     def __post_init__(self) -> None:
         if not self.timeout_minutes > 0:
             raise ConfigError(f"timeout_minutes: must be > 0, got {self.timeout_minutes}")
@@ -897,16 +902,30 @@ class DistributedCheckpointer:
         return path
 
     def load(
-        self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+        self,
+        path: str | Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        allow_world_change: bool = False,
     ) -> tuple[Any, dict[str, Any]]:
         """Restore model, optimizer and this rank's RNG in place (a collective: all ranks call it).
+
+        Args:
+            path: a complete checkpoint folder.
+            model: the wrapped or plain model.
+            optimizer: its optimizer, or None (weights only).
+            allow_world_change: accept a checkpoint written by a different number of ranks. DCP reshards
+                weights and optimizer state, and the data position is global, so training continues on
+                the same examples; but per-rank RNG streams (dropout) cannot be carried over, so each rank
+                is reseeded from (step, rank) and the run is no longer bitwise identical.
 
         Returns:
             ``(TrainState, scheduler_state)``; load the latter into the LR scheduler.
 
         Raises:
             EmbedtuneError: (``CheckpointError``) the checkpoint was written by a different number of
-                ranks (per-rank RNG states would not match), or cannot be read.
+                ranks (and ``allow_world_change`` is off), or cannot be read.
         """
         import torch.distributed.checkpoint as dcp
         from safetensors.torch import load as st_load
@@ -920,16 +939,18 @@ class DistributedCheckpointer:
             meta = json.loads((p / "distributed.json").read_text())
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{p}: not a distributed checkpoint ({exc})") from exc
-        if meta["world_size"] != ctx.world_size:
+        same_world = meta["world_size"] == ctx.world_size
+        if not same_world and not allow_world_change:
             raise CheckpointError(
                 f"{p} was written by {meta['world_size']} ranks but this job has {ctx.world_size}; exact "
-                f"resume needs the same number: relaunch with --nproc-per-node × --nnodes = {meta['world_size']}"
+                f"resume needs the same number: relaunch with --nproc-per-node × --nnodes = {meta['world_size']}, "
+                "or set distributed.resume_on_other_world_size: true to continue (not bitwise exact)"
             )
         sd = self._state(model, optimizer)
         try:
             with _single_process_quiet():
                 dcp.load(sd, checkpoint_id=str(p / _DCP), no_dist=not dist.is_initialized())
-            rng = st_load((p / f"rank_{ctx.rank:05d}.safetensors").read_bytes())
+            rng = st_load((p / f"rank_{ctx.rank:05d}.safetensors").read_bytes()) if same_world else None
             state = TrainState(**json.loads((p / "trainer_state.json").read_text()))
             scheduler = json.loads((p / "scheduler.json").read_text())
         except (OSError, ValueError, RuntimeError) as exc:
@@ -944,7 +965,18 @@ class DistributedCheckpointer:
                 optim_state_dict=sd["optim"],
                 options=self._options(),
             )
-        restore_rng_state(rng)
+        if rng is not None:
+            restore_rng_state(rng)
+        else:
+            # A new, reproducible stream per rank: the old ranks' streams do not map onto the new ranks.
+            torch.manual_seed(1_000_003 * (state.step + 1) + ctx.rank)
+            if ctx.is_main:
+                print(
+                    f"warning: resumed {p} ({meta['world_size']} ranks) on {ctx.world_size} ranks: weights, "
+                    "optimizer, schedule and data position restored; random streams reseeded, so the run is "
+                    "not bitwise identical to an uninterrupted one",
+                    flush=True,
+                )
         return state, scheduler
 
 

@@ -287,7 +287,9 @@ class DistributedBiEncoderRecipe(BiEncoderRecipe):
         )
 
     def _restore(self, path: Path) -> None:
-        self.state, scheduler = self.ckpt.load(path, self.model, self.optimizer)
+        self.state, scheduler = self.ckpt.load(
+            path, self.model, self.optimizer, allow_world_change=self.dist_cfg.resume_on_other_world_size
+        )
         self.scheduler.load_state_dict(scheduler)
         if self.validator is not None and "validator" in self.state.extra:
             self.validator.load_state_dict(self.state.extra["validator"])
@@ -298,7 +300,7 @@ class DistributedBiEncoderRecipe(BiEncoderRecipe):
         cfg = self.cfg
         best = self.ckpt.best()
         if self.validator is not None and cfg.checkpoint.load_best_at_end and best is not None:
-            self.ckpt.load(best, self.model, None)
+            self.ckpt.load(best, self.model, None, allow_world_change=True)  # weights only
             self.monitor.message(f"final model = best checkpoint {best.name}")
         self.model.eval()
         inner = D.unwrap(self.model)

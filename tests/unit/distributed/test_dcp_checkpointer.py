@@ -75,6 +75,15 @@ def test_rng_is_restored_per_rank_and_rank_count_must_match(tmp_path):
     (path / "distributed.json").write_text(json.dumps({**meta, "world_size": 4}))
     with pytest.raises(EmbedtuneError, match=r"written by 4 ranks .* --nproc-per-node × --nnodes = 4"):
         ck.load(path, model, opt)
+    # Opt-in: weights and optimizer come back; the RNG is reseeded (reproducibly), not restored.
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[2].weight.add_(1.0)
+    ck.load(path, model, opt, allow_world_change=True)
+    assert all(torch.equal(model.state_dict()[k], want[k]) for k in want)
+    first = torch.rand(3)
+    ck.load(path, model, opt, allow_world_change=True)
+    assert torch.equal(torch.rand(3), first) and not torch.equal(first, after)
 
 
 def test_rotation_keeps_the_newest(tmp_path):
