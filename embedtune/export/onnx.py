@@ -119,17 +119,24 @@ class EmbeddingGraph(torch.nn.Module):
         return self.model(input_ids, attention_mask, pooling_mask if self.with_pooling_mask else None)
 
 
-def _check_options(dtype: str, quantize: str | None, opset: int) -> None:
-    import torch.onnx._constants as constants
+def _opset_range() -> tuple[int, int]:
+    """Opsets the TorchScript exporter of this torch writes (a private module: fall back if it moves)."""
+    try:
+        import torch.onnx._constants as constants
 
+        return int(constants.ONNX_MIN_OPSET), int(constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except (ImportError, AttributeError):
+        return 7, 20
+
+
+def _check_options(dtype: str, quantize: str | None, opset: int) -> None:
     if dtype not in DTYPES:
         raise OnnxExportError(f"--dtype: unknown {dtype!r} — use one of {', '.join(DTYPES)}")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise OnnxExportError(f"--quantize: unknown {quantize!r} — use {', '.join(QUANTIZATIONS)}")
     if quantize is not None and dtype != "fp32":
         raise OnnxExportError("--quantize int8 starts from the fp32 graph — drop --dtype fp16")
-    newest = int(constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
-    oldest = int(constants.ONNX_MIN_OPSET)
+    oldest, newest = _opset_range()
     if not isinstance(opset, int) or opset > newest:
         raise OnnxExportError(
             f"--opset {opset}: this torch exports opsets {oldest}-{newest} — use --opset {DEFAULT_OPSET}"
@@ -172,7 +179,7 @@ def _merge_lora(model: BiEncoder) -> bool:
 
 
 def _trace_inputs(model: BiEncoder, with_pooling_mask: bool) -> tuple[Any, ...]:
-    """A right-padded batch of two, so that the traced graph keeps the attention mask (see module doc)."""
+    """A padded batch of two, so that the traced graph keeps the attention mask (see module doc)."""
     feats = model.tokenize(["a first example text for tracing the graph", "short"], "document")
     ids, mask = feats["input_ids"], feats["attention_mask"]
     if bool(mask.all()):  # a tokenizer that made both the same length: pad by hand
