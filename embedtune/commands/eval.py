@@ -150,6 +150,11 @@ def run(args: argparse.Namespace) -> int:
         f"search {result.timings['search']:.2f}s"
     )
     print(format_table([(name, result.metrics)]))
+    if args.max_corpus is not None:
+        print(
+            f"note: searched a sample of {result.num_docs} documents (--max-corpus); scores are higher than on the "
+            "full corpus and comparable only with the same --max-corpus/--seed"
+        )
     if args.output:
         out = {
             "model": str(args.model),
