@@ -95,8 +95,13 @@ def encode_corpus(
 
     Returns:
         ``(embeddings (num_docs, dim) float32, from_cache)``; cached embeddings are memory-mapped.
+
+    Raises:
+        DataError: the corpus is empty.
     """
     n = len(corpus)
+    if n == 0:
+        raise DataError(f"{corpus!r}: the corpus is empty — there are no documents to encode")
     cache = EmbeddingCache(cache_dir) if cache_dir is not None else None
     key = description = None
     if cache is not None:
@@ -136,7 +141,7 @@ def encode_corpus(
         if pending is not None:
             pending.abort()
         raise
-    assert out is not None  # n > 0 is checked by the callers
+    assert out is not None  # n > 0 was checked above
     if pending is not None and description is not None:
         out = pending.commit(description)
     return out, False
