@@ -33,7 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from embedtune.errors import EmbedtuneError
     from embedtune.launch import launch, launch_requested
 
-    args = build_parser().parse_args(argv)
+    # Intermixed: `recipe.yaml --nproc-per-node 2 a.b=c` (overrides after options) parses too.
+    args = build_parser().parse_intermixed_args(argv)
     try:
         if launch_requested(args):
             from embedtune.launch import check_before_launch

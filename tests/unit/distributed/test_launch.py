@@ -139,3 +139,10 @@ def test_an_unsplittable_batch_fails_before_any_process_starts(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "global_batch_size=8 cannot be split over 3 ranks" in err and "use 6 or 9" in err
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_overrides_may_follow_the_launch_options():
+    from embedtune.train import build_parser
+
+    args = build_parser().parse_intermixed_args(["r.yaml", "--nproc-per-node", "2", "a.b=1", "c=2"])
+    assert (args.recipe, args.overrides, args.nproc_per_node) == ("r.yaml", ["a.b=1", "c=2"], 2)
