@@ -185,3 +185,19 @@ def test_embedtune_train_cli_launches_ranks(tmp_path):
     assert "2 ranks (gloo, fsdp2)" in r.stdout
     assert (tmp_path / "run" / "run" / "model" / "model.safetensors").is_file()
     assert list(losses(tmp_path / "run" / "run")) == [1, 2]
+
+
+def test_time_budget_stops_every_rank_at_the_same_step(tmp_path):
+    """Each rank measures its own clock; the stop is agreed, so no rank is left waiting in a collective."""
+    from embedtune.training.recipe import BiEncoderRecipe
+
+    if "_agree" not in vars(BiEncoderRecipe):
+        pytest.skip("the recipe does not agree on the time budget yet (integration pending)")
+    recipe = _recipe(
+        tmp_path, "run", step_scheduler={"max_steps": 500, "ckpt_every_steps": None, "max_time_minutes": 0.1}
+    )
+    r = _train(recipe, "--nproc-per-node", "2")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    steps = list(losses(tmp_path / "run" / "run"))
+    assert 1 <= steps[-1] < 500
+    assert (tmp_path / "run" / "run" / "model" / "model.safetensors").is_file()
