@@ -431,7 +431,13 @@ class BiEncoderRecipe:
     def _save_final(self) -> tuple[Path, Path | None]:
         cfg = self.cfg
         best = self.ckpt.best()
-        if self.validator is not None and cfg.checkpoint.load_best_at_end and best is not None:
+        best_is_current = best is not None and best.name == f"step_{self.state.step:08d}"
+        if (
+            self.validator is not None
+            and cfg.checkpoint.load_best_at_end
+            and best is not None
+            and not best_is_current
+        ):
             ck = self.ckpt.load(best)
             self.model.load_state_dict(ck.model, strict=False)
             self.monitor.message(
