@@ -105,14 +105,15 @@ class TrainingMonitor:
         else:
             print(text, file=sys.stderr, flush=True)
 
-    def close(self, plot: bool = True) -> Path | None:
-        """Close all sinks; write ``loss.png`` when ``plot`` and matplotlib is available."""
+    def close(self, plot: bool = True, metrics: tuple[str, ...] = ("ndcg@10", "recall@10")) -> Path | None:
+        """Close all sinks; write ``loss.png`` (loss + validation ``metrics``) when ``plot`` and matplotlib
+        is available."""
         self._file.close()
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
-        return plot_losses(self.path, self.dir / "loss.png") if plot else None
+        return plot_losses(self.path, self.dir / "loss.png", metrics) if plot else None
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -123,8 +124,10 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def plot_losses(metrics_path: Path, out: Path) -> Path | None:
-    """Plot training loss (and validation metrics on a second axis) to a PNG; None without matplotlib."""
+def plot_losses(
+    metrics_path: Path, out: Path, metrics: tuple[str, ...] = ("ndcg@10", "recall@10")
+) -> Path | None:
+    """Plot training loss (and validation ``metrics`` on a second axis) to a PNG; None without matplotlib."""
     try:
         import matplotlib
 
@@ -140,13 +143,16 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
     ax.plot(*zip(*train), label="train loss", color="tab:blue")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    val_keys = sorted({k for r in records for k in r if k.startswith("val/")})
+    # Only the headline retrieval metrics (all in [0, 1]); timings and the many cut-offs would clutter it.
+    wanted = {f"val/{m}" for m in metrics}
+    val_keys = sorted({k for r in records for k in r if k in wanted})
     if val_keys:
         ax2 = ax.twinx()
         for k in val_keys:
             pts = [(r["step"], r[k]) for r in records if k in r]
             ax2.plot(*zip(*pts), marker="o", linestyle="--", label=k)
         ax2.set_ylabel("validation")
+        ax2.set_ylim(0, 1)
         ax2.legend(loc="center right")
     ax.legend(loc="upper right")
     ax.set_title("embedtune training")

@@ -474,7 +474,9 @@ class BiEncoderRecipe:
         """Close logs and write the loss plot."""
         monitor = getattr(self, "monitor", None)
         if monitor is not None:
-            monitor.close(plot=self.cfg.logging.plot)
+            val = self.cfg.validation
+            metrics = tuple(dict.fromkeys([val.metric, "recall@10"])) if val is not None else ()
+            monitor.close(plot=self.cfg.logging.plot, metrics=metrics)
 
 
 def same_document_ids(*keys: Tensor) -> Tensor:
