@@ -16,6 +16,7 @@ from embedtune.config import POOLING, load_config
 from embedtune.data.config import DataConfig
 from embedtune.errors import ConfigError
 from embedtune.eval.config import ValidationConfig
+from embedtune.training.distributed import DistributedConfig
 from embedtune.training.loss import LossConfig
 from embedtune.training.optim import LRSchedulerConfig, OptimizerConfig
 
@@ -218,6 +219,8 @@ class TrainConfig:
     """Retrieval validation every N steps (best checkpoint, early stopping); null: none."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Progress bar, TensorBoard, loss plot."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Multi-process training (``torchrun``): DDP or FSDP2, cross-rank negatives; ignored on one process."""
     bf16: bool = False
     """bfloat16 autocast for forward/backward (2-3x faster on CPUs with AMX and on GPUs)."""
     max_grad_norm: float | None = 1.0

@@ -268,7 +268,7 @@ class BiEncoderRecipe:
                 # Stop *before* the budget runs out: would one more step of this length overshoot it?
                 step_s = time.perf_counter() - t0
                 reserve = self._last_validation_s if self.validator is not None else 0.0
-                out_of_time = (
+                out_of_time = self._agree(
                     sched.max_time_minutes is not None
                     and st.elapsed_s + step_s + reserve > 60 * sched.max_time_minutes
                 )
@@ -304,6 +304,10 @@ class BiEncoderRecipe:
             self._save_checkpoint()
         model_dir, adapter_dir = self._save_final()
         return TrainResult(0, st, model_dir, adapter_dir, stop_reason=reason)
+
+    def _agree(self, flag: bool) -> bool:
+        """A stop decision taken from this process's clock; the distributed recipe makes all ranks agree."""
+        return flag
 
     def _micro_batches(self, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
         b = batch["query"]["input_ids"].shape[0]
