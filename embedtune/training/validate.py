@@ -22,9 +22,12 @@ def _model_config(name: str) -> tuple[object | None, str]:
     from embedtune.models import zoo
 
     if name in zoo.ZOO:
-        folder = zoo.cache_dir() / "models" / name
+        # Already built (or a plain package folder)? Building may mean dequantising a GGUF: not here.
+        candidates = [zoo.cache_dir() / name, zoo.cache_dir() / "models" / name]
+        if name == "minilm":
+            candidates.append(zoo.minilm_path())
+        folder = next((c for c in candidates if (c / "config.json").is_file()), candidates[0])
         if not (folder / "config.json").is_file():
-            # Building a short-name model may mean dequantising a GGUF: not for `validate`.
             return None, f"model: {name} is a bundled short name ({zoo.ZOO[name].description})"
         path = str(folder)
     else:

@@ -95,7 +95,12 @@ def test_gradcache_step_equals_plain_step_on_a_real_model(tmp_path, pool_instruc
         "max_grad_norm": None,
     }
     plain = _recipe(tmp_path / "a", **sections)
-    cached = _recipe(tmp_path / "b", **sections, gradcache={"enabled": True, "chunk_size": 3})
+    cached = _recipe(
+        tmp_path / "b",
+        **sections,
+        gradcache={"enabled": True, "chunk_size": 3},
+        step_scheduler={"local_batch_size": None},
+    )
     try:
         batch = plain.data.batch(0, 0, 8)
         assert (batch["query"]["pooling_mask"] != batch["query"]["attention_mask"]).any() != pool_instruction
