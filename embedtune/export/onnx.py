@@ -351,10 +351,10 @@ def export_onnx(
         hasattr(model.backbone, "merge_and_unload") or next(model.parameters()).dtype != torch.float32
     ):
         bienc = copy.deepcopy(model)  # merging/casting changes a model: never do it to the caller's object
-    if max_length is not None:
-        bienc.settings = EncoderSettings(**{**bienc.settings.__dict__, "max_length": int(max_length)})
     bienc = bienc.float()
     settings = bienc.settings
+    if max_length is not None:  # a local copy: the caller's model keeps its own settings
+        settings = EncoderSettings(**{**settings.__dict__, "max_length": int(max_length)})
     with_pooling_mask = not settings.pool_instruction
     input_names = (
         ("input_ids", "attention_mask", "pooling_mask")

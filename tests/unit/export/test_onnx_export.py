@@ -306,3 +306,13 @@ def test_exporting_again_into_an_export_folder_replaces_it(tmp_path):
     export_onnx(model, tmp_path / "out", verify=False)
     assert not (tmp_path / "out" / EXTERNAL_DATA_FILE).exists()  # no stale weights left behind
     assert OnnxBiEncoder.from_pretrained(tmp_path / "out").encode(["x"]).shape == (1, model.dim)
+
+
+def test_export_options_do_not_change_the_callers_model(tmp_path):
+    model = AutoBiEncoder.from_pretrained("tiny-llama", pooling="mean")
+    before = model.settings.max_length
+    export_onnx(model, tmp_path / "out", max_length=16, verify=False)
+    assert model.settings.max_length == before
+    exported = OnnxBiEncoder.from_pretrained(tmp_path / "out")
+    assert exported.settings.max_length == 16
+    assert all(not m.training for m in model.backbone.modules())  # still in eval mode (no dropout)
