@@ -217,3 +217,19 @@ def test_eval_and_search_run_an_onnx_export_like_the_torch_model(
             json.loads(line)["id"] for line in capsys.readouterr().out.splitlines() if line.startswith("{")
         ]
     assert hits["onnx"] == hits["torch"] and len(hits["torch"]) == 3
+
+
+def test_int8_export_reports_ndcg_on_the_bundled_data(tmp_path, capsys):
+    from embedtune.export.verify import bundled_eval_data
+
+    data = bundled_eval_data()
+    if data is None:
+        pytest.skip("no bundled data/scifact-mini/test in this checkout")
+    out = tmp_path / "int8"
+    args = ["export", "onnx", "--model", "tiny-bert", "--output", str(out), "--quantize", "int8"]
+    assert main([*args, "--eval-queries", "5", "--eval-docs", "40"]) == 0
+    printed = capsys.readouterr().out
+    assert "verify int8" in printed and "NDCG@10 on scifact-mini/test[test, 5 queries" in printed
+    ndcg = json.loads((out / "embedtune.json").read_text())["source"]["onnx"]["ndcg@10"]
+    assert ndcg["delta"] == pytest.approx(ndcg["int8"] - ndcg["fp32"])
+    assert f"change {ndcg['delta']:+.4f}" in printed
