@@ -316,3 +316,16 @@ def test_export_options_do_not_change_the_callers_model(tmp_path):
     exported = OnnxBiEncoder.from_pretrained(tmp_path / "out")
     assert exported.settings.max_length == 16
     assert all(not m.training for m in model.backbone.modules())  # still in eval mode (no dropout)
+
+
+def test_models_over_the_size_limit_get_external_data_automatically(tmp_path, monkeypatch):
+    import embedtune.export.onnx as export_module
+
+    model = AutoBiEncoder.from_pretrained("tiny-llama", pooling="mean")
+    # tiny-llama is ~12 MiB: lower the 2 GB limit below it instead of building a 2 GB model
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_THRESHOLD", 1 << 20)
+    result = export_onnx(model, tmp_path / "big")
+    assert result.external_data and (tmp_path / "big" / EXTERNAL_DATA_FILE).is_file()
+    assert result.parity is not None and result.parity.min_cosine >= 0.9999
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_THRESHOLD", 1 << 40)
+    assert not export_onnx(model, tmp_path / "small", verify=False).external_data
