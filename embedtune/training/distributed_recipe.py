@@ -93,16 +93,10 @@ class _CrossRankLoss(nn.Module):
 
 
 class _SilentMonitor:
-    """The monitor of ranks other than 0: logs nothing, writes nothing."""
+    """The monitor of ranks other than 0: every method (log, message, close, ...) does nothing."""
 
-    def log(self, record: dict[str, Any]) -> None:
-        pass
-
-    def message(self, text: str) -> None:
-        pass
-
-    def close(self, plot: bool = True) -> None:
-        return None
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
 
 
 class DistributedBiEncoderRecipe(BiEncoderRecipe):
