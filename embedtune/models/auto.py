@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -32,6 +32,9 @@ from embedtune.models.llama import LlamaBidirectionalConfig, LlamaBidirectionalM
 from embedtune.models.ministral3 import Ministral3BidirectionalConfig, Ministral3BidirectionalModel
 from embedtune.models.pooling import FROM_SENTENCE_TRANSFORMERS, canonical_pooling
 from embedtune.models.settings import SETTINGS_FILE, EncoderSettings
+
+if TYPE_CHECKING:
+    from embedtune.export.runtime import OnnxBiEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +172,8 @@ class AutoBiEncoder:
         bidirectional: bool | None = None,
         device: str | torch.device | None = None,
         revision: str | None = None,
-    ) -> BiEncoder:
+        backend: str = "torch",
+    ) -> BiEncoder | OnnxBiEncoder:
         """Load ``name_or_path`` as a bi-encoder.
 
         Args:
@@ -187,12 +191,25 @@ class AutoBiEncoder:
                 decoder causal; True insists on bidirectional attention and fails if it cannot be had.
             device: move the model there ("cpu", "cuda", ...).
             revision: hub revision.
+            backend: "torch" (default), "onnx" (a folder written by ``embedtune export onnx``, run by
+                ONNX Runtime), or "auto" (ONNX for an export folder, else torch).
+
+        Returns:
+            A :class:`BiEncoder` in eval mode (call ``.train()`` to fine-tune it), or an
+            ``OnnxBiEncoder`` with the same inference API for the ONNX backend.
 
         Raises:
             ModelLoadError: the path is not a model, or a needed package is missing.
             BidirectionalityError: bidirectional attention was asked for and cannot be had.
         """
         name = str(name_or_path)
+        if backend not in ("torch", "onnx", "auto"):
+            raise ConfigError(f"backend: {backend!r} is not one of torch, onnx, auto")
+        if backend != "torch":
+            from embedtune.export.runtime import OnnxBiEncoder, is_onnx_export
+
+            if backend == "onnx" or is_onnx_export(name):
+                return OnnxBiEncoder.from_pretrained(name, max_length=max_length, padding_side=padding_side)
         path = zoo.resolve(name)
         hub_kwargs: dict[str, Any] = {"revision": revision} if revision else {}
         local = Path(path).expanduser()
@@ -205,6 +222,10 @@ class AutoBiEncoder:
             if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
                 return cls._from_adapter(local, locals())
             if gguf_file is None and not (local / "config.json").is_file():
+                if (local / "model.onnx").is_file():
+                    raise ModelLoadError(
+                        f"{local}: an ONNX export — load it with backend='onnx' (CLI: --runtime onnx)"
+                    )
                 raise ModelLoadError(
                     f"{local}: not a model folder (no config.json) — give a folder written by save_pretrained, "
                     f"a hub id such as 'BAAI/bge-small-en-v1.5', or a short name: {', '.join(zoo.ZOO)}"
@@ -267,6 +288,7 @@ class AutoBiEncoder:
         values["source"] = source
         settings = EncoderSettings(**values)
         model = BiEncoder(backbone, tokenizer, settings)
+        model.eval()  # as transformers returns models: dropout off until the caller trains
         if device is not None:
             model.to(device)
         return model
@@ -359,6 +381,7 @@ class AutoBiEncoder:
         base = cls.from_pretrained(base_name, **options)
         with zoo.quiet_transformers():
             base.backbone = PeftModel.from_pretrained(base.backbone, str(folder))
+        base.eval()
         if kwargs.get("device") is not None:
             base.to(kwargs["device"])
         return base

@@ -183,3 +183,30 @@ def test_verification_runs_at_load_for_converted_llama(monkeypatch: pytest.Monke
         AutoBiEncoder.from_pretrained("tiny-llama")
     # with verify=False the (broken) model loads: the check is what stands between the user and causal training
     assert not attends_to_future(AutoBiEncoder.from_pretrained("tiny-llama", verify=False).backbone)
+
+
+def test_loaded_model_is_in_eval_mode() -> None:
+    model = AutoBiEncoder.from_pretrained("tiny-bert")
+    assert not model.training
+    assert not any(m.training for m in model.modules())
+
+
+def test_onnx_backend_loads_an_export(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from embedtune.export.onnx import export_onnx
+    from embedtune.export.runtime import OnnxBiEncoder
+
+    torch_model = AutoBiEncoder.from_pretrained("tiny-bert")
+    export_onnx(torch_model, tmp_path / "onnx")
+    with pytest.raises(ModelLoadError, match="backend='onnx'"):
+        AutoBiEncoder.from_pretrained(tmp_path / "onnx")
+    for backend in ("onnx", "auto"):
+        onnx_model = AutoBiEncoder.from_pretrained(str(tmp_path / "onnx"), backend=backend)
+        assert isinstance(onnx_model, OnnxBiEncoder)
+        torch.testing.assert_close(
+            torch.as_tensor(onnx_model.encode_documents(TEXTS)),
+            torch.as_tensor(torch_model.encode_documents(TEXTS)),
+            atol=1e-5,
+            rtol=1e-4,
+        )
+    assert isinstance(AutoBiEncoder.from_pretrained("tiny-bert", backend="auto"), BiEncoder)
