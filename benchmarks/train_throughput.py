@@ -202,14 +202,17 @@ def main() -> int:
         f"max {args.p_max_len} tokens, {prec}, {args.threads} threads, {args.steps} timed steps"
     )
     print(
-        f"{'config':8} {'examples/s':>11} {'s/step':>8} {'peak RSS MB':>12} {'speed vs ST':>12} {'RSS vs ST':>10}"
+        f"{'config':8} {'examples/s':>11} {'s/step':>8} {'CPU s/step':>11} {'peak RSS MB':>12} "
+        f"{'speed vs ST':>12} {'CPU vs ST':>10} {'RSS vs ST':>10}"
     )
     for name, r in results.items():
         base = results.get("st-gc" if name.endswith("-gc") else "st")
         speed = f"{r['examples_per_s'] / base['examples_per_s']:.2f}x" if base else "-"
+        cpu = f"{r['cpu_s_per_step'] / base['cpu_s_per_step']:.2f}x" if base else "-"
         rss = f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
         print(
-            f"{name:8} {r['examples_per_s']:11.2f} {r['s_per_step']:8.2f} {r['peak_rss_mb']:12.0f} {speed:>12} {rss:>10}"
+            f"{name:8} {r['examples_per_s']:11.2f} {r['s_per_step']:8.2f} {r['cpu_s_per_step']:11.2f} "
+            f"{r['peak_rss_mb']:12.0f} {speed:>12} {cpu:>10} {rss:>10}"
         )
     return 0
 
