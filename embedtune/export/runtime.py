@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,12 +19,11 @@ import numpy as np
 
 from embedtune.errors import EmbedtuneError, ModelLoadError
 from embedtune.export.errors import require_onnx
+from embedtune.models.encoding import encode_in_batches
 from embedtune.models.settings import SETTINGS_FILE, EncoderSettings
 
 ONNX_FILE = "model.onnx"
 BACKENDS = ("torch", "onnx")
-# Show a progress bar by default when encoding more texts than this (as BiEncoder does).
-PROGRESS_THRESHOLD = 512
 
 
 def is_onnx_export(path: str | os.PathLike[str]) -> bool:
@@ -213,47 +211,18 @@ class OnnxBiEncoder:
             (len(texts), dim) embeddings.
         """
         del bf16  # the precision of an export is fixed when it is written
-        if isinstance(texts, str):
-            raise EmbedtuneError("encode: pass a list of texts, not a single string — wrap it: [text]")
-        texts = list(texts)
-        if not texts:
-            raise EmbedtuneError("encode: got an empty list of texts — pass at least one text")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise EmbedtuneError(
-                    f"encode: texts[{i}] is {type(text).__name__}, not str — pass strings only"
-                )
-        if batch_size < 1:
-            raise EmbedtuneError(f"encode: batch_size must be >= 1, got {batch_size}")
-        prefixes: list[str] | None = None
-        if prefix is not None and not isinstance(prefix, str):
-            prefixes = list(prefix)
-            if len(prefixes) != len(texts):
-                raise EmbedtuneError(
-                    f"encode: {len(prefixes)} prefixes for {len(texts)} texts — give one per text"
-                )
-        from tqdm.auto import tqdm
 
-        # Longest first: similar lengths share a batch, so little compute goes to padding.
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        if show_progress is None:
-            show_progress = len(texts) > PROGRESS_THRESHOLD
-        out: np.ndarray | None = None
-        for start in tqdm(
-            range(0, len(texts), batch_size),
-            total=math.ceil(len(texts) / batch_size),
-            disable=not show_progress,
+        def embed_batch(batch: list[str], batch_prefix: str | list[str] | None) -> np.ndarray:
+            return self(**self.tokenize(batch, kind, max_length=max_length, prefix=batch_prefix))
+
+        out = encode_in_batches(
+            texts,
+            embed_batch,
+            batch_size=batch_size,
+            prefix=prefix,
+            show_progress=show_progress,
             desc=f"encode {kind}s (onnx)",
-            unit="batch",
-        ):
-            idx = order[start : start + batch_size]
-            batch_prefix = prefix if prefixes is None else [prefixes[i] for i in idx]
-            feats = self.tokenize([texts[i] for i in idx], kind, max_length=max_length, prefix=batch_prefix)
-            emb = self(**feats)
-            if out is None:
-                out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
-            out[idx] = emb
-        assert out is not None
+        )
         if convert_to_numpy:
             return out
         import torch

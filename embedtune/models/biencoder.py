@@ -7,8 +7,6 @@ tokenised batches; ``encode_queries`` / ``encode_documents`` are the inference A
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,16 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from embedtune.errors import EmbedtuneError
+from embedtune.models.encoding import encode_in_batches
 from embedtune.models.pooling import pool
 from embedtune.models.settings import EncoderSettings
 from embedtune.models.tokenization import tokenize_texts
-
-# Show a progress bar by default when encoding more texts than this.
-PROGRESS_THRESHOLD = 512
 
 
 class BiEncoder(nn.Module):
@@ -149,55 +144,29 @@ class BiEncoder(nn.Module):
         Returns:
             (len(texts), dim) embeddings.
         """
-        if isinstance(texts, str):
-            raise EmbedtuneError("encode: pass a list of texts, not a single string — wrap it: [text]")
-        texts = list(texts)
-        if not texts:
-            raise EmbedtuneError("encode: got an empty list of texts — pass at least one text")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise EmbedtuneError(
-                    f"encode: texts[{i}] is {type(text).__name__}, not str — pass strings only"
-                )
-        if batch_size < 1:
-            raise EmbedtuneError(f"encode: batch_size must be >= 1, got {batch_size}")
-        prefixes: list[str] | None = None
-        if prefix is not None and not isinstance(prefix, str):
-            prefixes = list(prefix)
-            if len(prefixes) != len(texts):
-                raise EmbedtuneError(
-                    f"encode: {len(prefixes)} prefixes for {len(texts)} texts — give one per text"
-                )
-
-        # Longest first: similar lengths share a batch (little padding), and a memory error shows at once.
-        order = np.argsort([-len(t) for t in texts], kind="stable")
         device = self.device
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-        if show_progress is None:
-            show_progress = len(texts) > PROGRESS_THRESHOLD
-        out = torch.empty(len(texts), self.dim, dtype=torch.float32)
+
+        def embed_batch(batch: list[str], batch_prefix: str | list[str] | None) -> np.ndarray:
+            feats = self.tokenize(batch, kind, max_length=max_length, prefix=batch_prefix)
+            feats = {k: v.to(device) for k, v in feats.items()}
+            return self(**feats).float().cpu().numpy()
+
         was_training = self.training
         self.eval()
         try:
             with torch.inference_mode(), autocast:
-                steps = range(0, len(texts), batch_size)
-                for start in tqdm(
-                    steps,
-                    total=math.ceil(len(texts) / batch_size),
-                    disable=not show_progress,
+                out = encode_in_batches(
+                    texts,
+                    embed_batch,
+                    batch_size=batch_size,
+                    prefix=prefix,
+                    show_progress=show_progress,
                     desc=f"encode {kind}s",
-                    unit="batch",
-                ):
-                    idx = order[start : start + batch_size]
-                    batch_prefix = prefix if prefixes is None else [prefixes[i] for i in idx]
-                    feats = self.tokenize(
-                        [texts[i] for i in idx], kind, max_length=max_length, prefix=batch_prefix
-                    )
-                    feats = {k: v.to(device) for k, v in feats.items()}
-                    out[torch.as_tensor(idx)] = self(**feats).float().cpu()
+                )
         finally:
             self.train(was_training)
-        return out.numpy() if convert_to_numpy else out
+        return out if convert_to_numpy else torch.from_numpy(out)
 
     def encode_queries(self, texts: Sequence[str], **kwargs: Any) -> np.ndarray | torch.Tensor:
         """Embed queries (with the query prefix). See :meth:`encode` for the options."""
@@ -228,8 +197,3 @@ class BiEncoder(nn.Module):
         return (
             f"pooling={s.pooling}, normalize={s.normalize}, bidirectional={s.bidirectional}, dim={self.dim}"
         )
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object from ``path``."""
-    return json.loads(path.read_text(encoding="utf-8"))

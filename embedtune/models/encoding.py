@@ -1,0 +1,91 @@
+"""The inference loop shared by every encoder backend (PyTorch ``BiEncoder``, ONNX ``OnnxBiEncoder``).
+
+Texts are checked, sorted longest first (similar lengths share a batch, so little compute goes to
+padding, and an out-of-memory error shows on the first batch), embedded batch by batch by a
+backend-specific function, and returned in the caller's order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from embedtune.errors import EmbedtuneError
+
+# Show a progress bar by default when encoding more texts than this.
+PROGRESS_THRESHOLD = 512
+
+# embed_batch(texts, prefix) -> (len(texts), dim) float32 array; prefix is None, one str, or one per text.
+EmbedBatch = Callable[[list[str], "str | list[str] | None"], np.ndarray]
+
+
+def check_texts(
+    texts: Sequence[str], prefix: str | Sequence[str] | None
+) -> tuple[list[str], list[str] | None]:
+    """Validate ``encode`` input; returns the texts as a list and the per-text prefixes (or None).
+
+    Raises:
+        EmbedtuneError: a single string, an empty list, a non-string, or a prefix list of the wrong length.
+    """
+    if isinstance(texts, str):
+        raise EmbedtuneError("encode: pass a list of texts, not a single string — wrap it: [text]")
+    texts = list(texts)
+    if not texts:
+        raise EmbedtuneError("encode: got an empty list of texts — pass at least one text")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise EmbedtuneError(f"encode: texts[{i}] is {type(text).__name__}, not str — pass strings only")
+    prefixes: list[str] | None = None
+    if prefix is not None and not isinstance(prefix, str):
+        prefixes = list(prefix)
+        if len(prefixes) != len(texts):
+            raise EmbedtuneError(
+                f"encode: {len(prefixes)} prefixes for {len(texts)} texts — give one per text"
+            )
+    return texts, prefixes
+
+
+def encode_in_batches(
+    texts: Sequence[str],
+    embed_batch: EmbedBatch,
+    *,
+    batch_size: int,
+    prefix: str | Sequence[str] | None = None,
+    show_progress: bool | None = None,
+    desc: str = "encode",
+) -> np.ndarray:
+    """Embed ``texts`` in length-sorted batches with ``embed_batch``; rows follow the input order.
+
+    Args:
+        texts: the texts.
+        embed_batch: embeds one batch: ``(texts, prefix) -> (n, dim)`` float32 array.
+        batch_size: texts per call of ``embed_batch``.
+        prefix: None (the backend's default for the kind), one prefix, or one per text.
+        show_progress: progress bar; default on for more than ``PROGRESS_THRESHOLD`` texts.
+        desc: the progress bar's label.
+
+    Returns:
+        (len(texts), dim) float32 embeddings.
+    """
+    texts, prefixes = check_texts(texts, prefix)
+    if batch_size < 1:
+        raise EmbedtuneError(f"encode: batch_size must be >= 1, got {batch_size}")
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    if show_progress is None:
+        show_progress = len(texts) > PROGRESS_THRESHOLD
+    out: np.ndarray | None = None
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(
+        starts, total=math.ceil(len(texts) / batch_size), disable=not show_progress, desc=desc, unit="batch"
+    ):
+        idx = order[start : start + batch_size]
+        batch_prefix = prefix if prefixes is None else [prefixes[i] for i in idx]
+        emb = np.asarray(embed_batch([texts[i] for i in idx], batch_prefix), dtype=np.float32)
+        if out is None:
+            out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
+        out[idx] = emb
+    assert out is not None  # texts is not empty
+    return out
