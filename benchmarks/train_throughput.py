@@ -126,13 +126,17 @@ def worker(args: argparse.Namespace) -> dict:
             return loss
 
     step(batches[0])  # warm-up (allocator, lazy inits) is not timed
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     losses_ = [step(b) for b in batches[1:]]
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     return {
         "worker": args.worker,
         "examples_per_s": args.batch * args.steps / elapsed,
         "s_per_step": elapsed / args.steps,
+        # CPU seconds per step: the work done, less sensitive than wall time to other processes on a
+        # shared machine (with 1 thread; with more, idle threads spinning are counted too).
+        "cpu_s_per_step": cpu / args.steps,
         "peak_rss_mb": _peak_rss_mb(),
         "first_loss": losses_[0],
     }
@@ -199,7 +203,7 @@ def main() -> int:
     prec = "bf16 autocast" if args.bf16 else "fp32"
     print(
         f"\nall-MiniLM-L6-v2, scifact-mini, batch {args.batch} x (query + positive + 1 hard negative), "
-        f"max {args.p_max_len} tokens, {prec}, {args.threads} threads, {args.steps} timed steps"
+        f"max {args.p_max_len} tokens, {prec}, {args.threads} threads, {args.steps} timed steps, best of {args.repeats}"
     )
     print(
         f"{'config':8} {'examples/s':>11} {'s/step':>8} {'CPU s/step':>11} {'peak RSS MB':>12} "
