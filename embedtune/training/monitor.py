@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +52,7 @@ class TrainingMonitor:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self.total_steps = total_steps
-        self._t0 = time.perf_counter()
-        self._start_step = start_step
+        self._step_times: list[float] = []
         self._bar = None
         if progress_bar:
             from tqdm.auto import tqdm
@@ -64,6 +62,8 @@ class TrainingMonitor:
                 initial=start_step,
                 desc="train",
                 unit="step",
+                # tqdm's own rate would count validation pauses as training; our ETA uses step times.
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
                 file=sys.stderr,
                 dynamic_ncols=True,
             )
@@ -86,14 +86,16 @@ class TrainingMonitor:
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
         if self._bar is not None and "loss" in record:
-            done = step - self._start_step
-            rate = done / max(time.perf_counter() - self._t0, 1e-9)
+            if "step_s" in record:
+                self._step_times.append(float(record["step_s"]))
+            recent = self._step_times[-20:]
+            per_step = sum(recent) / len(recent) if recent else float("inf")
             self._bar.n = step
             self._bar.set_postfix(
                 loss=f"{record['loss']:.4f}",
                 lr=f"{record.get('lr', 0):.2e}",
                 ex_s=f"{record.get('examples_per_s', 0):.1f}",
-                eta=_fmt_eta((self.total_steps - step) / rate if rate > 0 else float("inf")),
+                eta=_fmt_eta((self.total_steps - step) * per_step),
                 refresh=False,
             )
             self._bar.refresh()

@@ -262,6 +262,7 @@ class BiEncoderRecipe:
                             "lr": self.scheduler.get_last_lr()[0],
                             "grad_norm": grad_norm,
                             "examples_per_s": sched.global_batch_size / (time.perf_counter() - t0),
+                            "step_s": round(time.perf_counter() - t0, 4),
                             "elapsed_s": round(st.elapsed_s, 3),
                         }
                     )
