@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 HELP = "fine-tune an embedding model from a YAML recipe (contrastive, LoRA, GradCache, resumable)"
 
@@ -18,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override recipe values, e.g. optimizer.lr=1e-5 step_scheduler.max_steps=10 checkpoint.resume=latest",
     )
+    from embedtune.launch import add_launch_arguments
+
+    add_launch_arguments(parser)  # --nproc-per-node, --nnodes, --rdzv-endpoint: see docs/distributed.md
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,7 +30,17 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(args.recipe, args.overrides)  # fails fast, before any model is loaded
 
-    from embedtune.training.recipe import train
+    # Distributed: start N ranks through torchrun (each runs `python -m embedtune.train`), or, when
+    # this process is one of torchrun's ranks, train as that rank.
+    from embedtune.launch import check_before_launch, launch, launch_requested
+
+    if launch_requested(args):
+        check_before_launch(cfg, args)  # an unsplittable batch fails here, before N processes start
+        return launch([args.recipe, *args.overrides], args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from embedtune.training.distributed_recipe import train_distributed as train
+    else:
+        from embedtune.training.recipe import train
 
     result = train(cfg)
     if result.exit_code == 0:
