@@ -24,10 +24,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_launch_arguments(parser)  # --nproc-per-node, --nnodes, --rdzv-endpoint: see docs/distributed.md
 
 
+def _recipe_kind(recipe: str) -> str:
+    """``rerank`` (``recipe: rerank``), ``distill`` (a ``distill:`` block) or ``biencoder``."""
+    from pathlib import Path
+
+    from embedtune.config import read_yaml
+    from embedtune.recipes import recipe_path
+
+    path = recipe_path(recipe) if not Path(recipe).is_file() else Path(recipe)
+    if path is None:
+        return "biencoder"  # load_train_config reports the missing file
+    raw = read_yaml(path)
+    if raw.get("recipe") == "rerank":
+        return "rerank"
+    return "distill" if "distill" in raw else "biencoder"
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate the recipe, train, and return 0 (done), 143/130 (stopped by SIGTERM/SIGINT, resumable)."""
     from embedtune.training.config import load_train_config
 
+    kind = _recipe_kind(args.recipe)
+    if kind in ("rerank", "distill"):  # the same command trains rerankers and distils from them
+        from embedtune.commands import rerank
+
+        return rerank.run(
+            argparse.Namespace(
+                action="train" if kind == "rerank" else "distill",
+                recipe=args.recipe,
+                overrides=args.overrides,
+                debug=args.debug,
+            )
+        )
     cfg = load_train_config(args.recipe, args.overrides)  # fails fast, before any model is loaded
 
     # Distributed: start N ranks through torchrun (each runs `python -m embedtune.train`), or, when

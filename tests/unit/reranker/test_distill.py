@@ -171,3 +171,7 @@ def test_distillation_recipe_adds_exactly_the_weighted_kl_and_trains(tmp_path):
     assert main(["rerank", "distill", str(path), f"output_dir={tmp_path / 'cli-run'}"]) == 0
     assert (tmp_path / "cli-run").is_dir()
     assert main(["rerank", "distill", str(path), "distill.teacher_temperature=0"]) == 2
+    # `embedtune train` sees the distill: block and runs the same recipe
+    assert main(["train", str(path), f"output_dir={tmp_path / 'train-run'}"]) == 0
+    assert (tmp_path / "train-run").is_dir()
+    assert main(["train", str(path), "distill.teacher_temperature=0"]) == 2

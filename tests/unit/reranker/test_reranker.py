@@ -321,3 +321,7 @@ def test_cli_train_from_yaml_then_eval_reports_the_gain(tmp_path: Path, capsys):
     m = json.loads(out_json.read_text())
     assert m["gain"]["ndcg@10"] == pytest.approx(m["reranked"]["ndcg@10"] - m["retriever"]["ndcg@10"])
     assert main(["rerank", "train", str(recipe), "group_size=1"]) == 2  # a recipe error is one line, exit 2
+    capsys.readouterr()
+    assert main(["train", str(recipe), "group_size=1"]) == 2  # `embedtune train` dispatches `recipe: rerank`
+    err = capsys.readouterr().err
+    assert "group_size" in err and "unknown key" not in err  # judged by the rerank config, not the bi-encoder one
