@@ -94,7 +94,12 @@ class BiEncoder(nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         """Trade compute for memory in training (recompute activations in the backward pass)."""
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base = self.base_model
+        kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ------------------------------------------------------------------------------------- tokenise
     def tokenize(
