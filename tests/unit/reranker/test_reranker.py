@@ -324,4 +324,6 @@ def test_cli_train_from_yaml_then_eval_reports_the_gain(tmp_path: Path, capsys):
     capsys.readouterr()
     assert main(["train", str(recipe), "group_size=1"]) == 2  # `embedtune train` dispatches `recipe: rerank`
     err = capsys.readouterr().err
-    assert "group_size" in err and "unknown key" not in err  # judged by the rerank config, not the bi-encoder one
+    assert (
+        "group_size" in err and "unknown key" not in err
+    )  # judged by the rerank config, not the bi-encoder one
