@@ -119,6 +119,15 @@ def _write_json(path: Path, content: Any) -> None:
 
 def save_biencoder(model: BiEncoder, path: Path, *, merge_lora: bool = True) -> Path:
     """Write ``model`` to ``path`` (see the module docstring for the layout)."""
+    from embedtune.models.zoo import quiet_transformers
+
+    # PEFT re-reads the base config (a stock `llama` beside our `llama_bidirec` class): an expected
+    # type-mismatch warning, and per-shard progress bars, that would only confuse a user.
+    with quiet_transformers():
+        return _save_biencoder(model, path, merge_lora=merge_lora)
+
+
+def _save_biencoder(model: BiEncoder, path: Path, *, merge_lora: bool) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     backbone = model.backbone
     is_peft = hasattr(backbone, "peft_config")
