@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from embedtune.commands._options import add_encoding_arguments
+
 HELP = "full-corpus retrieval evaluation (NDCG@10, Recall@k, MRR@10, MAP@100) with a TREC run file"
 
 # The summary table: (column title, metric key); columns whose k is not evaluated are left out.
@@ -39,23 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--top-k", type=int, default=None, help="results per query in the run file (default: max k)"
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
-    parser.add_argument(
-        "--bf16", action="store_true", help="encode under bfloat16 autocast (faster, ~1e-3 off)"
-    )
-    parser.add_argument("--backend", choices=("exact", "faiss"), default="exact", help="search back-end")
-    parser.add_argument(
-        "--runtime",
-        choices=("torch", "onnx"),
-        default=None,
-        help="encoder runtime (default: onnx for a folder written by `embedtune export onnx`, else torch)",
-    )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument(
-        "--cache-dir", default=None, help="corpus-embedding cache (default: embedtune's cache)"
-    )
-    parser.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    add_encoding_arguments(parser)
     parser.add_argument(
         "--strict",
         action="store_true",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from embedtune.commands._options import add_encoding_arguments
+
 HELP = "search a corpus with a model and print the top documents for one or more queries"
 
 
@@ -19,21 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="corpus .jsonl ({_id,title,text} or {id,text}), BEIR folder, NeMo corpus folder or training file",
     )
     parser.add_argument("-k", "--top-k", type=int, default=10, help="results per query (default 10)")
-    parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's)")
-    parser.add_argument("--bf16", action="store_true", help="encode under bfloat16 autocast")
-    parser.add_argument("--backend", choices=("exact", "faiss"), default="exact", help="search back-end")
-    parser.add_argument(
-        "--runtime",
-        choices=("torch", "onnx"),
-        default=None,
-        help="encoder runtime (default: onnx for a folder written by `embedtune export onnx`, else torch)",
-    )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument(
-        "--cache-dir", default=None, help="corpus-embedding cache (default: embedtune's cache)"
-    )
-    parser.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    add_encoding_arguments(parser)
     parser.add_argument(
         "--width", type=int, default=100, help="characters of each document to show (default 100)"
     )
