@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from embedtune.training import checkpoint as ckpt_mod
 from embedtune.training.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -17,6 +16,7 @@ from embedtune.training.checkpoint import (
     capture_rng_state,
     restore_rng_state,
 )
+from embedtune.training.checkpoint import manager as ckpt_mod
 
 
 def _save(mgr, step, value=0.0, **kw):
