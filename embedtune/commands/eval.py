@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fail when qrels name unknown queries or documents (default: warn)",
     )
+    parser.add_argument(
+        "--skip-unknown-docs",
+        action="store_true",
+        help="drop judgements naming documents missing from the corpus (default: they count as relevant "
+        "and never retrieved, as in trec_eval; skipping scores higher than trec_eval)",
+    )
     ident = parser.add_mutually_exclusive_group()
     ident.add_argument(
         "--ignore-identical-ids",
@@ -109,7 +115,11 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EvalDataWarning)  # printed below, once, as one line each
         eval_set = load_eval_set(
-            args.data, args.split, strict=args.strict, ignore_identical_ids=args.ignore_identical_ids
+            args.data,
+            args.split,
+            strict=args.strict,
+            ignore_identical_ids=args.ignore_identical_ids,
+            skip_unknown_documents=args.skip_unknown_docs,
         )
     for line in eval_set.warnings:
         print(f"embedtune eval: warning: {line}", file=sys.stderr)

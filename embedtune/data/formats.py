@@ -1028,11 +1028,15 @@ def load_beir(
     *,
     on_bad_row: str = "error",
     cache_dir: str | os.PathLike[str] | None = None,
+    keep_unknown_documents: bool = False,
 ) -> BeirSplit:
     """Load a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``).
 
     Document text is ``(title + " " + text).strip()``, as BEIR and MTEB do. ``queries`` holds only the
     queries that appear in the split's qrels; ``qrels`` keeps every judgement (scores of 0 included).
+    ``keep_unknown_documents``: keep judgements naming a document that is not in the corpus (trec_eval
+    counts them as relevant but never retrieved) instead of reporting them as bad lines; evaluation
+    uses it and reports their count itself.
 
     Raises:
         DataValidationError: listing every problem (bad lines, unknown query or document IDs, ...).
@@ -1059,7 +1063,7 @@ def load_beir(
         root / "corpus.jsonl", id_field="_id", title_field="title", on_bad_row=on_bad_row, cache_dir=cache_dir
     )
     all_queries = _read_queries(root / "queries.jsonl", str(root / "queries.jsonl"), log)
-    qrels = _read_qrels(qrels_path, str(qrels_path), corpus, all_queries, log)
+    qrels = _read_qrels(qrels_path, str(qrels_path), corpus, all_queries, log, keep_unknown_documents)
     log.finish(str(folder))
     queries = {qid: all_queries[qid] for qid in qrels}
     return BeirSplit(corpus=corpus, queries=queries, qrels=qrels, problems=corpus.problems + log.problems)
@@ -1097,7 +1101,12 @@ def _read_queries(path: Path, name: str, log: ProblemLog) -> dict[str, str]:
 
 
 def _read_qrels(
-    path: Path, name: str, corpus: Corpus, queries: dict[str, str], log: ProblemLog
+    path: Path,
+    name: str,
+    corpus: Corpus,
+    queries: dict[str, str],
+    log: ProblemLog,
+    keep_unknown_documents: bool = False,
 ) -> dict[str, dict[str, int]]:
     rows: list[tuple[int, str, str, int]] = []
     with open(path, "rb") as f:
@@ -1154,7 +1163,7 @@ def _read_qrels(
                     "add it to queries.jsonl or delete the line",
                 )
             )
-        elif r < 0:
+        elif r < 0 and not keep_unknown_documents:
             log.add(
                 Problem(
                     name,

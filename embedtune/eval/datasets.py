@@ -7,10 +7,12 @@
 * a **corpus-ID JSON** or **inline JSONL** training-format file: each query's positives are its
   relevant documents (relevance 1), searched among all documents of the file's corpus.
 
-Judgements that name unknown queries or documents are skipped and reported with counts
-(``EvalSet.warnings`` and an ``EvalDataWarning``), or, with ``strict=True``, raise ``DataError`` naming
-each bad line. (trec_eval would keep a judged document that is missing from the corpus as relevant but
-unretrievable; we skip it, as the data readers do, and say so.)
+Judgements that name documents missing from the corpus are kept, as trec_eval keeps them: relevant but
+never retrieved, so they count in the recall and NDCG denominators and the metrics equal pytrec_eval's on
+the same files. ``skip_unknown_documents=True`` drops them instead (embedtune's earlier behaviour; scores
+are then higher than trec_eval's). Judgements naming unknown queries cannot be evaluated and are skipped.
+Either is reported with counts (``EvalSet.warnings`` and an ``EvalDataWarning``), or, with
+``strict=True``, raises ``DataError``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from embedtune.errors import DataError
 
 
 class EvalDataWarning(UserWarning):
-    """Judgements that name unknown queries or documents were skipped (``EvalSet.warnings`` lists them)."""
+    """Judgements name unknown queries (skipped) or documents (kept or skipped); ``EvalSet.warnings`` lists them."""
 
 
 def _warn(lines: Sequence[str]) -> None:
@@ -172,8 +174,13 @@ def _check(
     source: str,
     qrels_source: str,
     strict: bool,
+    skip_unknown_documents: bool = False,
 ) -> tuple[dict[str, str], dict[str, dict[str, int]], list[str]]:
-    """Validate IDs; returns the evaluated queries, their qrels and the warnings."""
+    """Validate IDs; returns the evaluated queries, their qrels and the warnings.
+
+    A judged document that is not in the corpus stays in the qrels (relevant, never retrieved: trec_eval's
+    rule) unless ``skip_unknown_documents``.
+    """
     if len(corpus) == 0:
         raise DataError(f"{source}: the corpus is empty — an evaluation needs documents to search")
     unknown_q = sorted(q for q in qrels if q not in queries)
@@ -187,14 +194,22 @@ def _check(
             f"(e.g. {unknown_q[:3]}); they are skipped"
         )
     if unknown_d:
+        missing_set = set(unknown_d)
+        n_rel = sum(1 for j in qrels.values() for d, r in j.items() if r >= 1 and d in missing_set)
+        what = (
+            "they are skipped (--skip-unknown-docs; scores are higher than trec_eval's)"
+            if skip_unknown_documents
+            else f"their {n_rel} relevant judgement(s) count as relevant but never retrieved, as in trec_eval "
+            "(--skip-unknown-docs drops them)"
+        )
         problems.append(
             f"{qrels_source}: {len(unknown_d)} of {len(doc_ids)} judged documents are not in the corpus "
-            f"(e.g. {unknown_d[:3]}); they are skipped"
+            f"(e.g. {unknown_d[:3]}); {what}"
         )
     if problems and strict:
         raise DataError("; ".join(problems) + " — fix the IDs, or drop --strict to evaluate anyway")
     _warn(problems)
-    missing = set(unknown_d)
+    missing = set(unknown_d) if skip_unknown_documents else set()
     kept = {q: {d: r for d, r in j.items() if d not in missing} for q, j in qrels.items() if q in queries}
     if not kept:
         raise DataError(
@@ -213,6 +228,7 @@ def eval_set_from_dicts(
     ignore_identical_ids: bool = False,
     strict: bool = False,
     cache_dir: str | Path | None = None,
+    skip_unknown_documents: bool = False,
 ) -> EvalSet:
     """Build an evaluation set from Python dictionaries (document ID -> text, query ID -> text, qrels).
 
@@ -224,6 +240,8 @@ def eval_set_from_dicts(
         ignore_identical_ids: see ``EvalSet``.
         strict: raise on unknown IDs instead of warning.
         cache_dir: where the corpus is stored (``embedtune.data`` corpus cache).
+        skip_unknown_documents: drop judgements naming documents missing from the corpus (default: keep
+            them as relevant but never retrieved, as trec_eval does).
 
     Raises:
         DataError: empty corpus, no judged query among the queries, or (strict) unknown IDs.
@@ -233,7 +251,16 @@ def eval_set_from_dicts(
     if not corpus:
         raise DataError(f"{name}: the corpus is empty — an evaluation needs documents to search")
     c = Corpus.from_texts(list(corpus.values()), list(corpus.keys()), source=name, cache_dir=cache_dir)
-    q, j, problems = _check(name, c, queries, qrels, source=name, qrels_source=name, strict=strict)
+    q, j, problems = _check(
+        name,
+        c,
+        queries,
+        qrels,
+        source=name,
+        qrels_source=name,
+        strict=strict,
+        skip_unknown_documents=skip_unknown_documents,
+    )
     return EvalSet(name, c, q, j, ignore_identical_ids=ignore_identical_ids, source=name, warnings=problems)
 
 
@@ -248,6 +275,7 @@ def load_eval_set(
     strict: bool = False,
     ignore_identical_ids: bool | None = None,
     cache_dir: str | Path | None = None,
+    skip_unknown_documents: bool = False,
 ) -> EvalSet:
     """Read an evaluation set from a BEIR folder, a corpus-ID JSON file or an inline JSONL file.
 
@@ -258,6 +286,8 @@ def load_eval_set(
         ignore_identical_ids: drop a retrieved document whose ID equals the query's; None: on for BEIR
             folders named like a data set that needs it (ArguAna, Quora, CQADupStack).
         cache_dir: corpus cache root (see ``embedtune.data.corpus``).
+        skip_unknown_documents: drop judgements naming documents missing from the corpus (default: keep
+            them as relevant but never retrieved, as trec_eval does, so metrics equal pytrec_eval's).
 
     Returns:
         The ``EvalSet``.
@@ -277,7 +307,12 @@ def load_eval_set(
                 "or pass a training-format .json/.jsonl file"
             )
         return _load_beir(
-            p, split, strict=strict, ignore_identical_ids=ignore_identical_ids, cache_dir=cache_dir
+            p,
+            split,
+            strict=strict,
+            ignore_identical_ids=ignore_identical_ids,
+            cache_dir=cache_dir,
+            skip_unknown_documents=skip_unknown_documents,
         )
     return _load_training_file(
         p, strict=strict, ignore_identical_ids=ignore_identical_ids, cache_dir=cache_dir
@@ -302,7 +337,13 @@ def _summarise_problems(problems: Sequence[Any], total: int) -> list[str]:
 
 
 def _load_beir(
-    p: Path, split: str, *, strict: bool, ignore_identical_ids: bool | None, cache_dir: str | Path | None
+    p: Path,
+    split: str,
+    *,
+    strict: bool,
+    ignore_identical_ids: bool | None,
+    cache_dir: str | Path | None,
+    skip_unknown_documents: bool = False,
 ) -> EvalSet:
     from embedtune.data.formats import load_beir
 
@@ -313,8 +354,15 @@ def _load_beir(
     # strict: the reader raises, naming every bad line; otherwise it skips them and we report counts.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
+        # Unknown documents are kept by the reader and judged by _check (kept or skipped, and counted);
+        # strict: the reader names each bad line, unknown documents included.
         beir = _call_with_cache(
-            load_beir, p, split=split, on_bad_row="error" if strict else "skip", cache_dir=cache_dir
+            load_beir,
+            p,
+            split=split,
+            on_bad_row="error" if strict else "skip",
+            cache_dir=cache_dir,
+            keep_unknown_documents=not strict,
         )
     problems = _summarise_problems(beir.problems, len(beir.problems))
     _warn(problems)
@@ -329,6 +377,7 @@ def _load_beir(
         source=str(p / "corpus.jsonl"),
         qrels_source=str(qrels_path),
         strict=strict,
+        skip_unknown_documents=skip_unknown_documents,
     )
     return EvalSet(
         name,

@@ -115,8 +115,11 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     assert (
         "warning" in err
         and "skipped 1 line(s) with query-id" in err
-        and "skipped 1 line(s) with corpus-id" in err
+        and "judged documents are not in the corpus (e.g. ['d99'])" in err
+        and "never retrieved, as in trec_eval" in err
     )
+    assert main(["eval", "--model", MODEL, "--data", str(bad), "--skip-unknown-docs"]) == 0
+    assert "they are skipped (--skip-unknown-docs" in capsys.readouterr().err
     assert main(["eval", "--model", MODEL, "--data", str(bad), "--strict"]) == 2
     err = capsys.readouterr().err
     assert "q9" in err and "d99" in err and "test.tsv" in err

@@ -131,10 +131,48 @@ def test_unknown_ids_in_qrels_warn_with_counts_or_fail_when_strict(beir_folder, 
     with pytest.warns(EvalDataWarning):
         es = load_eval_set(root, "test", cache_dir=tmp_path / "c")
     text = "\n".join(es.warnings)
-    assert "skipped 1 line(s) with query-id" in text and "skipped 2 line(s) with corpus-id" in text
-    assert "nosuchquery" not in es.qrels
+    assert "skipped 1 line(s) with query-id" in text
+    assert "2 of" in text and "judged documents are not in the corpus" in text and "never retrieved" in text
+    assert "nosuchquery" not in es.qrels and es.qrels["q0"]["nosuchdoc"] == 1
+    with pytest.warns(EvalDataWarning, match="they are skipped"):
+        skipped = load_eval_set(root, "test", cache_dir=tmp_path / "c", skip_unknown_documents=True)
+    assert "nosuchdoc" not in skipped.qrels["q0"]
     with pytest.raises(DataError, match="nosuchdoc"):
         load_eval_set(root, "test", strict=True, cache_dir=tmp_path / "c")
+
+
+def _read_qrels_tsv(path):
+    """The qrels file as pytrec_eval takes it, parsed here independently of embedtune's readers."""
+    qrels: dict[str, dict[str, int]] = {}
+    for line in path.read_text().splitlines()[1:]:  # skip BEIR's header
+        qid, did, rel = line.split("\t")
+        qrels.setdefault(qid, {})[did] = int(rel)
+    return qrels
+
+
+def test_qrels_naming_documents_missing_from_the_corpus_score_as_trec_eval(
+    fake_encoder, beir_folder, tmp_path
+):
+    """A relevant document that is not in the corpus is relevant but never retrieved (trec_eval's rule):
+    embedtune's metrics equal pytrec_eval's on the same qrels file and the full score list."""
+    root, _, _, qrels = beir_folder
+    queries_with_rel = [q for q, j in qrels.items() if any(r >= 1 for r in j.values())]
+    with open(root / "qrels" / "test.tsv", "a", newline="") as f:
+        for q in queries_with_rel[::2]:  # every other query gains a relevant document nobody can retrieve
+            f.write(f"{q}\tgone-{q}\t1\r\n")
+        f.write(f"{queries_with_rel[1]}\tgone-graded\t2\r\n")
+    file_qrels = _read_qrels_tsv(root / "qrels" / "test.tsv")
+    with pytest.warns(EvalDataWarning, match="never retrieved"):
+        es = load_eval_set(root, "test", cache_dir=tmp_path / "c")
+    result = run_evaluation(fake_encoder, es, K)
+    ref = trec_reference(file_qrels, full_run(fake_encoder, es), K)
+    for name, value in ref.items():
+        assert result.metrics[name] == pytest.approx(value, abs=1e-9), name
+    # The old behaviour, kept behind a flag, scores higher than trec_eval (the denominators shrink).
+    with pytest.warns(EvalDataWarning, match="skipped"):
+        skipped = load_eval_set(root, "test", cache_dir=tmp_path / "c", skip_unknown_documents=True)
+    old = run_evaluation(fake_encoder, skipped, K).metrics
+    assert old["recall@10"] > ref["recall@10"] and old["ndcg@10"] > ref["ndcg@10"]
 
 
 def test_bad_paths_and_empty_corpus_raise_clear_errors(tmp_path, beir_folder):
@@ -189,7 +227,7 @@ def test_subset_keeps_relevant_documents_and_is_deterministic(tmp_path, make_eva
     assert es.subset() is es
 
 
-def test_unknown_ids_in_dict_qrels_warn_then_are_skipped(tmp_path):
+def test_unknown_ids_in_dict_qrels_warn_then_unknown_queries_are_skipped(tmp_path):
     corpus = {"d1": "a", "d2": "b"}
     queries = {"q1": "a", "q2": "b"}
     qrels = {"q1": {"d1": 1, "nodoc": 1}, "q2": {"d2": 1}, "noq": {"d1": 1}}
@@ -197,8 +235,12 @@ def test_unknown_ids_in_dict_qrels_warn_then_are_skipped(tmp_path):
         es = eval_set_from_dicts(corpus, queries, qrels, cache_dir=tmp_path)
     messages = [str(r.message) for r in record]
     assert any("1 of 3 judged queries" in m for m in messages)
-    assert any("1 of 3 judged documents" in m for m in messages)
-    assert es.qrels == {"q1": {"d1": 1}, "q2": {"d2": 1}} and len(es.warnings) == 2
+    assert any("1 of 3 judged documents" in m and "1 relevant judgement(s)" in m for m in messages)
+    # trec_eval's rule: the unknown document stays relevant (and is never retrieved).
+    assert es.qrels == {"q1": {"d1": 1, "nodoc": 1}, "q2": {"d2": 1}} and len(es.warnings) == 2
+    with pytest.warns(EvalDataWarning):
+        skipped = eval_set_from_dicts(corpus, queries, qrels, cache_dir=tmp_path, skip_unknown_documents=True)
+    assert skipped.qrels == {"q1": {"d1": 1}, "q2": {"d2": 1}}
     with pytest.raises(DataError, match="nodoc"):
         eval_set_from_dicts(corpus, queries, qrels, strict=True, cache_dir=tmp_path)
 
