@@ -28,6 +28,7 @@ __all__ = [
     "PeftConfig",
     "StepSchedulerConfig",
     "TrainConfig",
+    "check_master_weights",
     "load_train_config",
 ]
 
@@ -56,7 +57,10 @@ class ModelConfig:
     bidirectional: bool | None = None
     """Convert a causal decoder to bidirectional attention (null: yes for decoders); verified at load."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    """Weight dtype. ``bfloat16`` halves memory; LoRA adapters stay float32 either way."""
+    """Dtype the weights are *stored* in. Full fine-tuning needs ``float32`` (fp32 master weights; set
+    ``bf16: true`` for bfloat16 compute): bf16 keeps 8 mantissa bits, so AdamW updates of ~1e-6 to
+    weights of ~0.02 round to nothing. ``bfloat16`` is only for a frozen base under LoRA (``peft:``),
+    where it halves memory; LoRA adapters stay float32 either way. bfloat16 without ``peft`` is refused."""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     """Attention kernel; ``eager`` is faster than ``sdpa`` for training on CPUs, ``sdpa`` on GPUs."""
     gradient_checkpointing: bool = False
@@ -222,7 +226,9 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Multi-process training (``torchrun``): DDP or FSDP2, cross-rank negatives; ignored on one process."""
     bf16: bool = False
-    """bfloat16 autocast for forward/backward (2-3x faster on CPUs with AMX and on GPUs)."""
+    """bfloat16 compute over float32 weights (2-3x faster on CPUs with AMX and on GPUs): autocast on one
+    process and under DDP; under FSDP2 a ``MixedPrecisionPolicy(param_dtype=bfloat16,
+    reduce_dtype=float32)`` over the fp32 shards. The optimizer always steps the fp32 weights."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this value; null disables clipping."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -231,6 +237,7 @@ class TrainConfig:
     """torch CPU threads (null: torch's default)."""
 
     def __post_init__(self) -> None:
+        check_master_weights(self)
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError(f"max_grad_norm: must be > 0 or null, got {self.max_grad_norm}")
         if self.num_threads is not None and self.num_threads < 1:
@@ -252,6 +259,25 @@ class TrainConfig:
     def checkpoint_dir(self) -> Path:
         """The resolved checkpoint folder."""
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output_dir) / "checkpoints"
+
+
+def check_master_weights(cfg: TrainConfig) -> None:
+    """Refuse to train weights stored in bfloat16: they need fp32 master copies.
+
+    Pure-bf16 AdamW does not train at fine-tuning learning rates (an update of 5e-6 to a weight of 0.02
+    is below half a bf16 ulp, 6e-5, and rounds away). Trained weights stay float32 and ``bf16: true``
+    runs the forward/backward in bfloat16 (autocast; FSDP2: ``MixedPrecisionPolicy`` over fp32 shards).
+
+    Raises:
+        ConfigError: ``model.dtype: bfloat16`` without a ``peft:`` block.
+    """
+    if cfg.model.dtype == "bfloat16" and cfg.peft is None:
+        raise ConfigError(
+            "model.dtype: bfloat16 would store the weights being trained in bfloat16, where AdamW updates "
+            f"at optimizer.lr={cfg.optimizer.lr:g} round to nothing (no fp32 master weights). For full "
+            "fine-tuning set model.dtype: float32 and bf16: true (bfloat16 compute over float32 weights); "
+            "bfloat16 weights are only for a frozen base under LoRA (add a peft: block)"
+        )
 
 
 def load_train_config(source: str | Path | dict[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:

@@ -145,6 +145,8 @@ class DistributedBiEncoderRecipe(BiEncoderRecipe):
             self.dist_cfg.strategy,
             self.ctx,
             reshard_after_forward=self.dist_cfg.reshard_after_forward,
+            # fp32 shards (the master weights the optimizer steps), gathered and computed in bf16.
+            param_dtype=torch.bfloat16 if self.cfg.bf16 else None,
         )
 
     def _load_data(self) -> Any:
