@@ -12,25 +12,161 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from embedtune.config import POOLING, load_config
+from embedtune.config import LOSSES, OPTIMIZERS, POOLING, SCHEDULERS, load_config
 from embedtune.data.config import DataConfig
 from embedtune.errors import ConfigError
 from embedtune.eval.config import ValidationConfig
-from embedtune.training.distributed import DistributedConfig
-from embedtune.training.loss import LossConfig
-from embedtune.training.optim import LRSchedulerConfig, OptimizerConfig
+
+# Nothing here imports torch: `embedtune train/validate` check a recipe in well under a second. The
+# blocks of the loss, optimizer and distributed modules are defined here and re-exported there.
+Strategy = Literal["ddp", "fsdp2"]
 
 __all__ = [
     "CheckpointConfig",
+    "DistributedConfig",
     "GradCacheConfig",
+    "LRSchedulerConfig",
     "LoggingConfig",
+    "LossConfig",
     "ModelConfig",
+    "OptimizerConfig",
     "PeftConfig",
     "StepSchedulerConfig",
     "TrainConfig",
     "check_master_weights",
     "load_train_config",
 ]
+
+
+@dataclass
+class LossConfig:
+    """The recipe's ``loss:`` block."""
+
+    name: str = "infonce"
+    """Loss to use, by registered name. Available: ``infonce``."""
+
+    temperature: float = 0.02
+    """Softmax temperature τ; logits are ``cos / τ`` (sentence-transformers' ``scale = 1 / τ``, so the
+    default 0.02 equals scale 50). Lower is sharper."""
+
+    in_batch_negatives: bool = True
+    """Also score every query against the other queries' passages (positives and hard negatives) in the
+    batch. NeMo's default is off; on is almost always better for small batches."""
+
+    mask_false_negatives: bool = True
+    """Never count a passage as a negative when it has the same document ID (or identical token
+    sequence) as the query's own positive, e.g. two queries in one batch sharing a relevant document."""
+
+    matryoshka_dims: list[int] | None = None
+    """Also train truncated embeddings: the loss is averaged over these leading-dimension prefixes
+    (e.g. ``[768, 256, 64]``), each re-normalised. ``null`` trains the full embedding only."""
+
+    matryoshka_weights: list[float] | None = None
+    """Weight of each Matryoshka dimension in the average (default: all equal)."""
+
+    def __post_init__(self) -> None:
+        LOSSES.check(self.name, "name")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature: must be > 0 (typical 0.01-0.1), got {self.temperature}")
+        if self.matryoshka_dims is not None:
+            if not self.matryoshka_dims or any(d <= 0 for d in self.matryoshka_dims):
+                raise ConfigError(f"matryoshka_dims: must be positive sizes, got {self.matryoshka_dims}")
+            if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(
+                self.matryoshka_dims
+            ):
+                raise ConfigError(
+                    "matryoshka_weights: needs one weight per entry of matryoshka_dims "
+                    f"({len(self.matryoshka_dims)}), got {len(self.matryoshka_weights)}"
+                )
+        elif self.matryoshka_weights is not None:
+            raise ConfigError("matryoshka_weights: set matryoshka_dims too, or remove the weights")
+
+
+@dataclass
+class OptimizerConfig:
+    """The recipe's ``optimizer:`` block."""
+
+    name: str = "adamw"
+    """Optimizer by registered name: ``adamw`` or ``sgd``."""
+    lr: float = 2e-5
+    """Peak learning rate (reached at the end of warmup)."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (AdamW); not applied to biases and norm weights."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam moment decay rates."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    momentum: float = 0.0
+    """SGD momentum (ignored by AdamW)."""
+
+    def __post_init__(self) -> None:
+        OPTIMIZERS.check(self.name, "name")
+        if not self.lr > 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas: each must be in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
+class LRSchedulerConfig:
+    """The recipe's ``lr_scheduler:`` block."""
+
+    name: str = "linear"
+    """Decay after warmup: ``constant``, ``linear`` (to ``min_lr_ratio``) or ``cosine``."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to ``optimizer.lr``."""
+    warmup_ratio: float | None = None
+    """Warmup as a fraction of the total steps (overrides ``warmup_steps`` when set)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+
+    def __post_init__(self) -> None:
+        SCHEDULERS.check(self.name, "name")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class DistributedConfig:
+    """The recipe's ``distributed:`` block (used only when the job runs on more than one process)."""
+
+    strategy: Strategy = "ddp"
+    """``ddp``: every rank holds the whole model and optimizer state, gradients are all-reduced; the
+    fastest choice whenever the model, its gradients and the optimizer state fit one device (always the
+    case with LoRA). ``fsdp2``: parameters, gradients and optimizer state are sharded across ranks
+    (``torch.distributed.fsdp.fully_shard``), each block gathered just in time; use it for full
+    fine-tuning of large decoders that do not fit one device."""
+
+    cross_device_negatives: bool = True
+    """Score every query against the passages of *all* ranks (gathered with gradients), so the
+    in-batch negatives are those of the global (micro-)batch, as in a single process. Off: each rank
+    uses only its own passages (less communication, fewer negatives)."""
+
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend; ``auto`` is NCCL when training on CUDA, gloo otherwise."""
+
+    timeout_minutes: float = 10.0
+    """How long a collective may wait for the other ranks before the job fails. Bounds the hang when
+    one rank dies; raise it if checkpoints or validation on rank 0 take longer."""
+
+    reshard_after_forward: bool = True
+    """FSDP2 only: free each block's gathered parameters after its forward and re-gather them for the
+    backward (least memory). False keeps them until the backward (more memory, one all-gather less)."""
+
+    resume_on_other_world_size: bool = False
+    """Allow ``checkpoint.resume`` from a checkpoint written by a different number of ranks (e.g. after
+    losing a node). Weights, optimizer state (resharded by DCP), schedule and data position carry over;
+    per-rank random streams cannot, so the run continues but is not bitwise identical. Off: refused."""
+
+    def __post_init__(self) -> None:
+        if not self.timeout_minutes > 0:
+            raise ConfigError(f"timeout_minutes: must be > 0, got {self.timeout_minutes}")
 
 
 @dataclass

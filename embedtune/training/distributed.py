@@ -34,7 +34,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from embedtune.errors import ConfigError, EmbedtuneError
+from embedtune.errors import EmbedtuneError
+
+# The distributed: block lives with the other recipe blocks (torch-free, so recipes validate fast).
+from embedtune.training.config import DistributedConfig
 
 __all__ = [
     "BatchPlan",
@@ -65,46 +68,6 @@ Strategy = Literal["ddp", "fsdp2"]
 
 class DistributedError(EmbedtuneError):
     """A distributed run is set up inconsistently (batch sizes, rank counts, backends)."""
-
-
-# ==================================================================================================
-# Configuration
-# ==================================================================================================
-@dataclass
-class DistributedConfig:
-    """The recipe's ``distributed:`` block (used only when the job runs on more than one process)."""
-
-    strategy: Strategy = "ddp"
-    """``ddp``: every rank holds the whole model and optimizer state, gradients are all-reduced; the
-    fastest choice whenever the model, its gradients and the optimizer state fit one device (always the
-    case with LoRA). ``fsdp2``: parameters, gradients and optimizer state are sharded across ranks
-    (``torch.distributed.fsdp.fully_shard``), each block gathered just in time; use it for full
-    fine-tuning of large decoders that do not fit one device."""
-
-    cross_device_negatives: bool = True
-    """Score every query against the passages of *all* ranks (gathered with gradients), so the
-    in-batch negatives are those of the global (micro-)batch, as in a single process. Off: each rank
-    uses only its own passages (less communication, fewer negatives)."""
-
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """Process-group backend; ``auto`` is NCCL when training on CUDA, gloo otherwise."""
-
-    timeout_minutes: float = 10.0
-    """How long a collective may wait for the other ranks before the job fails. Bounds the hang when
-    one rank dies; raise it if checkpoints or validation on rank 0 take longer."""
-
-    reshard_after_forward: bool = True
-    """FSDP2 only: free each block's gathered parameters after its forward and re-gather them for the
-    backward (least memory). False keeps them until the backward (more memory, one all-gather less)."""
-
-    resume_on_other_world_size: bool = False
-    """Allow ``checkpoint.resume`` from a checkpoint written by a different number of ranks (e.g. after
-    losing a node). Weights, optimizer state (resharded by DCP), schedule and data position carry over;
-    per-rank random streams cannot, so the run continues but is not bitwise identical. Off: refused."""
-
-    def __post_init__(self) -> None:
-        if not self.timeout_minutes > 0:
-            raise ConfigError(f"timeout_minutes: must be > 0, got {self.timeout_minutes}")
 
 
 # ==================================================================================================

@@ -17,7 +17,6 @@ Layout of the inputs (the collator's layout: positive first in each group)::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,51 +25,10 @@ from torch import Tensor, nn
 from embedtune.config import LOSSES
 from embedtune.errors import ConfigError
 
+# The loss: block lives with the other recipe blocks (torch-free, so recipes validate fast).
+from embedtune.training.config import LossConfig
+
 __all__ = ["InfoNCELoss", "LossConfig", "build_loss", "info_nce", "sequence_fingerprints"]
-
-
-@dataclass
-class LossConfig:
-    """The recipe's ``loss:`` block."""
-
-    name: str = "infonce"
-    """Loss to use, by registered name. Available: ``infonce``."""
-
-    temperature: float = 0.02
-    """Softmax temperature τ; logits are ``cos / τ`` (sentence-transformers' ``scale = 1 / τ``, so the
-    default 0.02 equals scale 50). Lower is sharper."""
-
-    in_batch_negatives: bool = True
-    """Also score every query against the other queries' passages (positives and hard negatives) in the
-    batch. NeMo's default is off; on is almost always better for small batches."""
-
-    mask_false_negatives: bool = True
-    """Never count a passage as a negative when it has the same document ID (or identical token
-    sequence) as the query's own positive, e.g. two queries in one batch sharing a relevant document."""
-
-    matryoshka_dims: list[int] | None = None
-    """Also train truncated embeddings: the loss is averaged over these leading-dimension prefixes
-    (e.g. ``[768, 256, 64]``), each re-normalised. ``null`` trains the full embedding only."""
-
-    matryoshka_weights: list[float] | None = None
-    """Weight of each Matryoshka dimension in the average (default: all equal)."""
-
-    def __post_init__(self) -> None:
-        LOSSES.check(self.name, "name")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature: must be > 0 (typical 0.01-0.1), got {self.temperature}")
-        if self.matryoshka_dims is not None:
-            if not self.matryoshka_dims or any(d <= 0 for d in self.matryoshka_dims):
-                raise ConfigError(f"matryoshka_dims: must be positive sizes, got {self.matryoshka_dims}")
-            if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(
-                self.matryoshka_dims
-            ):
-                raise ConfigError(
-                    "matryoshka_weights: needs one weight per entry of matryoshka_dims "
-                    f"({len(self.matryoshka_dims)}), got {len(self.matryoshka_weights)}"
-                )
-        elif self.matryoshka_weights is not None:
-            raise ConfigError("matryoshka_weights: set matryoshka_dims too, or remove the weights")
 
 
 def sequence_fingerprints(input_ids: Tensor, attention_mask: Tensor) -> Tensor:

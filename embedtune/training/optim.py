@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,57 +19,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from embedtune.config import OPTIMIZERS, SCHEDULERS
 from embedtune.errors import ConfigError
 
+# The optimizer:/lr_scheduler: blocks live with the other recipe blocks (torch-free).
+from embedtune.training.config import LRSchedulerConfig, OptimizerConfig
+
 __all__ = ["LRSchedulerConfig", "OptimizerConfig", "build_optimizer", "build_scheduler", "lr_factor"]
-
-
-@dataclass
-class OptimizerConfig:
-    """The recipe's ``optimizer:`` block."""
-
-    name: str = "adamw"
-    """Optimizer by registered name: ``adamw`` or ``sgd``."""
-    lr: float = 2e-5
-    """Peak learning rate (reached at the end of warmup)."""
-    weight_decay: float = 0.01
-    """Decoupled weight decay (AdamW); not applied to biases and norm weights."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """Adam moment decay rates."""
-    eps: float = 1e-8
-    """Adam epsilon."""
-    momentum: float = 0.0
-    """SGD momentum (ignored by AdamW)."""
-
-    def __post_init__(self) -> None:
-        OPTIMIZERS.check(self.name, "name")
-        if not self.lr > 0:
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
-        if not all(0 <= b < 1 for b in self.betas):
-            raise ConfigError(f"betas: each must be in [0, 1), got {list(self.betas)}")
-
-
-@dataclass
-class LRSchedulerConfig:
-    """The recipe's ``lr_scheduler:`` block."""
-
-    name: str = "linear"
-    """Decay after warmup: ``constant``, ``linear`` (to ``min_lr_ratio``) or ``cosine``."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warmup from 0 to ``optimizer.lr``."""
-    warmup_ratio: float | None = None
-    """Warmup as a fraction of the total steps (overrides ``warmup_steps`` when set)."""
-    min_lr_ratio: float = 0.0
-    """Final learning rate as a fraction of the peak."""
-
-    def __post_init__(self) -> None:
-        SCHEDULERS.check(self.name, "name")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
 
 
 def _param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
