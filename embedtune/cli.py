@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "mine": "embedtune.commands.mine",
     "rerank": "embedtune.commands.rerank",
     "info": "embedtune.commands.info",
+    "compare": "embedtune.commands.compare",
 }
 
 

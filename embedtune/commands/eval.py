@@ -74,7 +74,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-corpus", type=int, default=None, help="search relevant docs + a seeded sample (not comparable)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-queries/--max-corpus samples")
-    parser.add_argument("--per-query", action="store_true", help="include per-query metrics in --output")
+    parser.add_argument(
+        "--per-query",
+        action="store_true",
+        help="(kept for old scripts: --output always has per-query metrics)",
+    )
+    parser.add_argument(
+        "--ci-resamples",
+        type=int,
+        default=10_000,
+        help="bootstrap resamples of the queries for the 95%% confidence intervals (0: none; default 10000)",
+    )
+    parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
 
 
 def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
@@ -109,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
 
     if any(k < 1 for k in args.k):
         raise ConfigError(f"--k: cut-offs must be >= 1, got {args.k}")
+    if args.ci_resamples < 0 or not 0 < args.confidence < 1:
+        raise ConfigError(
+            f"--ci-resamples must be >= 0 and --confidence in (0, 1); got {args.ci_resamples}, {args.confidence}"
+        )
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1, got {args.batch_size}")
     # Read the data before loading the model: a bad file should fail in a second, not after the load.
@@ -146,6 +161,19 @@ def run(args: argparse.Namespace) -> int:
         f"search {result.timings['search']:.2f}s"
     )
     print(format_table([(name, result.metrics)]))
+    ci = None
+    if args.ci_resamples > 0:
+        from embedtune.eval.stats import metric_intervals
+
+        # Seeded: the same evaluation prints the same interval. See embedtune.eval.stats.
+        ci = metric_intervals(
+            result.per_query, confidence=args.confidence, n_resamples=args.ci_resamples, seed=args.seed
+        )
+        shown = [(t, k) for t, k in TABLE if k in ci] or [(k, k) for k in ci]
+        print(
+            f"{args.confidence:.0%} CI (bootstrap over {result.num_queries} queries, {args.ci_resamples} resamples, "
+            f"seed {args.seed}): " + ", ".join(f"{t} [{ci[k][0]:.4f}, {ci[k][1]:.4f}]" for t, k in shown)
+        )
     if args.max_corpus is not None:
         print(
             f"note: searched a sample of {result.num_docs} documents (--max-corpus); scores are higher than on the "
@@ -163,12 +191,18 @@ def run(args: argparse.Namespace) -> int:
             "bf16": args.bf16,
             "encoder_settings": encoder.settings.to_dict() if hasattr(encoder.settings, "to_dict") else None,
             "metrics": result.metrics,
+            "ci": ci,
+            "ci_settings": {
+                "method": "percentile bootstrap over queries",
+                "confidence": args.confidence,
+                "resamples": args.ci_resamples,
+                "seed": args.seed,
+            },
             "timings": result.timings,
             "corpus_from_cache": result.corpus_from_cache,
             "warnings": eval_set.warnings,
         }
-        if args.per_query:
-            out["per_query"] = result.per_query
+        out["per_query"] = result.per_query  # what `embedtune compare` tests on
         p = Path(args.output)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
