@@ -25,6 +25,8 @@ from embedtune.errors import ConfigError
 __all__ = ["DataConfig", "DatasetConfig"]
 
 FILL_NEGATIVES = ("random", "repeat", "error")
+NEGATIVE_SELECTION = ("random", "first")
+DATA_FORMATS = ("inline", "corpus_id", "beir", "hf")
 
 
 @dataclass
@@ -33,11 +35,16 @@ class DatasetConfig:
 
     path: str = ""
     """An inline ``.jsonl`` file, a corpus-ID ``.json`` file or a BEIR folder. Required."""
-    format: Literal["inline", "corpus_id", "beir"] | None = None
+    format: Literal["inline", "corpus_id", "beir", "hf"] | None = None
     """The layout; null chooses from the path (folder with ``corpus.jsonl`` = BEIR, ``.jsonl`` = inline,
-    ``.json`` = corpus-ID)."""
+    ``.json`` = corpus-ID, ``hf://org/repo/subset`` or a folder of ``dataset_metadata.json`` subsets =
+    the Hugging Face retrieval layout)."""
     weight: float = 1.0
     """Mixing weight: this data set's share of each epoch is ``weight / sum(weights)``."""
+    num_samples: int | None = None
+    """Keep a fixed random subset of this many examples, drawn once at load time (NeMo's
+    ``{path, num_samples}`` / ``[num_samples, path]`` entries; the same draw as NeMo's
+    ``random.Random(seed).sample``). Null keeps every example. Combines with ``weight``."""
     query_instruction: str | None = None
     """Text put before this data set's queries (overrides the corpus's ``merlin_metadata.json`` and the
     model's ``query_prefix``); null keeps those."""
@@ -53,8 +60,14 @@ class DatasetConfig:
             raise ConfigError(
                 "path: required — an inline .jsonl file, a corpus-ID .json file or a BEIR folder"
             )
-        if self.format is not None and self.format not in ("inline", "corpus_id", "beir"):
-            raise ConfigError(f"format: {self.format!r} is not one of: inline, corpus_id, beir")
+        if self.format is not None and self.format not in DATA_FORMATS:
+            raise ConfigError(f"format: {self.format!r} is not one of: {', '.join(DATA_FORMATS)}")
+        if self.num_samples is not None and (
+            isinstance(self.num_samples, bool)
+            or not isinstance(self.num_samples, int)
+            or self.num_samples < 1
+        ):
+            raise ConfigError(f"num_samples: must be an integer >= 1 or null, got {self.num_samples!r}")
         if not isinstance(self.weight, (int, float)) or isinstance(self.weight, bool) or not self.weight > 0:
             raise ConfigError(f"weight: must be a number > 0, got {self.weight!r}")
         if not self.split:
@@ -65,8 +78,9 @@ class DatasetConfig:
 class DataConfig:
     """Training data and how it is sampled and tokenised."""
 
-    datasets: list[DatasetConfig] = field(default_factory=list)
-    """The training data sets (at least one); several are mixed by their weights."""
+    datasets: list[Any] = field(default_factory=list)
+    """The training data sets (at least one); several are mixed by their weights. An entry is a mapping
+    (``{path: ..., weight: ...}``), a bare path, or NeMo's ``[num_samples, path]``."""
     n_passages: int = 4
     """Passages per query: 1 positive + (n_passages - 1) hard negatives."""
     q_max_len: int = 64
@@ -81,6 +95,23 @@ class DataConfig:
     on_bad_row: Literal["error", "skip"] = "error"
     """A malformed example or document: ``error`` stops before training listing every problem; ``skip``
     drops the bad rows and warns with the count. Nothing is dropped silently."""
+    negative_selection: Literal["random", "first"] = "random"
+    """Which of an example's negatives an epoch uses: ``random`` (embedtune's default) rotates through a
+    seeded shuffle so every negative is used once per cycle of epochs; ``first`` always takes the first
+    n_passages - 1 in file order (NeMo AutoModel's choice: mined files list the hardest first). With
+    ``fill_negatives: repeat`` a short list then repeats in order, exactly as NeMo does."""
+    cycle_positive_docs: bool = True
+    """Epoch ``e`` uses positive ``e mod len(pos_doc)``; false always uses the first positive (NeMo's
+    documented default)."""
+    use_dataset_instruction: bool = True
+    """Put each corpus's ``query_instruction`` / ``passage_instruction`` (``merlin_metadata.json``,
+    ``dataset_metadata.json``) before its texts. False ignores them, as NeMo does unless its recipe sets
+    ``use_dataset_instruction: true``. A data set's own ``query_instruction`` always applies."""
+    instruction_separator: str = ""
+    """Text put between a data-set instruction and the text. ``""`` (embedtune's default) concatenates,
+    so write instructions with their trailing space or newline; ``" "`` joins as NeMo does
+    (``f"{instruction} {question}"``). Only non-empty instructions get it. The model's own
+    ``query_prefix`` / ``passage_prefix`` are literal text (the same at training and inference)."""
     same_dataset_per_batch: bool = False
     """Draw every batch from a single data set (in-batch negatives then share a domain)."""
     seed: int | None = None
@@ -128,6 +159,14 @@ class DataConfig:
             raise ConfigError(
                 f"fill_negatives: {self.fill_negatives!r} is not one of: {', '.join(FILL_NEGATIVES)}"
             )
+        if self.negative_selection not in NEGATIVE_SELECTION:
+            raise ConfigError(
+                f"negative_selection: {self.negative_selection!r} is not one of: {', '.join(NEGATIVE_SELECTION)}"
+            )
+        if not isinstance(self.instruction_separator, str):
+            raise ConfigError(
+                f"instruction_separator: must be a string such as '' or ' ', got {self.instruction_separator!r}"
+            )
         if self.on_bad_row not in ("error", "skip"):
             raise ConfigError(f"on_bad_row: {self.on_bad_row!r} is not one of: error, skip")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
@@ -149,12 +188,23 @@ class DataConfig:
         try:
             if isinstance(value, str):
                 return DatasetConfig(path=value)
+            if (
+                isinstance(value, (list, tuple))
+                and len(value) == 2
+                and isinstance(value[0], int)
+                and not isinstance(value[0], bool)
+                and isinstance(value[1], str)
+            ):
+                return DatasetConfig(path=value[1], num_samples=value[0])  # NeMo's [num_samples, path]
             if isinstance(value, dict):
-                return DatasetConfig(**value)
+                from embedtune.config import _build_dataclass  # the loader's checks: key paths, types
+
+                return _build_dataclass(DatasetConfig, value, "")
         except ConfigError as exc:
             raise ConfigError(f"datasets[{k}].{exc}") from None
         except TypeError as exc:
             raise ConfigError(f"datasets[{k}]: {exc}") from None
         raise ConfigError(
-            f"datasets[{k}]: expected a mapping such as {{path: data/train.jsonl}}, got {value!r}"
+            f"datasets[{k}]: expected a mapping such as {{path: data/train.jsonl}} (or [num_samples, path]), "
+            f"got {value!r}"
         )

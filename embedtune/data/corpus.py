@@ -23,13 +23,14 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
+from embedtune.data.lazy import LazySequence
 from embedtune.data.problems import DataValidationError, Problem, ProblemLog
 
 #: Bump when the cache layout changes, so old caches are rebuilt rather than misread.
@@ -83,32 +84,19 @@ def _hash_files(paths: Sequence[Path]) -> tuple[str, list[int]]:
     return h.hexdigest(), line_counts
 
 
-class _IdView(Sequence[str]):
+def _id_sequence(column: pa.ChunkedArray) -> LazySequence[str]:
     """The document IDs as a read-only sequence, read from the memory-mapped table on demand."""
 
-    def __init__(self, column: pa.ChunkedArray) -> None:
-        self._column = column
-
-    def __len__(self) -> int:
-        return len(self._column)
-
-    @overload
-    def __getitem__(self, i: int) -> str: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[str]: ...
-    def __getitem__(self, i: int | slice) -> str | list[str]:
-        if isinstance(i, slice):
-            start, stop, step = i.indices(len(self))
-            return self._column.slice(start, max(0, stop - start)).to_pylist()[::step]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return self._column[i].as_py()
-
-    def __iter__(self) -> Iterator[str]:
-        for chunk in self._column.chunks:
+    def iterate() -> Iterator[str]:
+        for chunk in column.chunks:
             yield from chunk.to_pylist()
+
+    return LazySequence(
+        len(column),
+        lambda i: column[i].as_py(),
+        iterate=iterate,
+        get_slice=lambda a, b: column.slice(a, b - a).to_pylist(),
+    )
 
 
 class Corpus:
@@ -144,7 +132,7 @@ class Corpus:
         texts = self._table.column("text")
         self._text_chunks = texts.chunks
         self._chunk_starts = [0, *np.cumsum([len(c) for c in self._text_chunks]).tolist()]
-        self.ids: Sequence[str] = _IdView(self._table.column("id"))
+        self.ids: Sequence[str] = _id_sequence(self._table.column("id"))
 
     # Pickle as the cache folder, not the data: DataLoader workers started with "spawn" reopen the
     # memory map instead of receiving a copy of a corpus that may be gigabytes.

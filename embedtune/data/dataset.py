@@ -9,7 +9,12 @@ short negative list. A resumed run therefore sees exactly the data the interrupt
   takes the ``j``-th window of that shuffle (the cycle's last, short window is topped up from the
   next shuffle). So each epoch sees a random choice, no negative repeats within an item, and every
   negative is used once in every cycle of ``m`` epochs (not "always the first ones").
-* **Positives** cycle: epoch ``e`` uses positive ``e mod len(positives)``.
+  ``negative_selection: first`` instead always takes the first ``n_passages - 1`` in file order
+  (NeMo AutoModel's selection; with ``fill_negatives: repeat`` a short list repeats in order).
+* **Positives** cycle: epoch ``e`` uses positive ``e mod len(positives)`` (``cycle_positive_docs:
+  false``: always the first).
+* **Instructions**: a corpus's metadata instructions apply when ``use_dataset_instruction`` is on; a
+  non-empty instruction is followed by ``instruction_separator`` (``" "`` for NeMo's join).
 * **Several datasets** share an epoch by weight (largest-remainder split of ``samples_per_epoch``); with
   ``same_dataset_per_batch`` consecutive ``batch_size`` indices come from one dataset (each dataset's
   share is rounded up to whole batches, by drawing more of its examples, so nothing is dropped).
@@ -18,6 +23,7 @@ short negative list. A resumed run therefore sees exactly the data the interrupt
 from __future__ import annotations
 
 import math
+import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,9 +33,10 @@ import numpy as np
 from embedtune.data.config import DataConfig, DatasetConfig
 from embedtune.data.corpus import text_hash
 from embedtune.data.formats import RetrievalData, read_training_file
+from embedtune.data.model import Instructions
 from embedtune.data.problems import DataValidationError, Problem
 
-__all__ = ["TrainDataset", "TrainItem", "load_datasets"]
+__all__ = ["TrainDataset", "TrainItem", "data_seed", "load_datasets", "sample_examples"]
 
 # Stream tags so that the generators for different purposes never coincide.
 _ORDER, _MIX, _NEG, _FILL = 1, 2, 3, 4
@@ -62,8 +69,10 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
 
 
-def load_datasets(config: DataConfig) -> list[RetrievalData]:
+def load_datasets(config: DataConfig, seed: int | None = None) -> list[RetrievalData]:
     """Read and validate every dataset of ``config`` (all of them, before raising).
+
+    A data set with ``num_samples`` is cut to its fixed subset here (seeded by :func:`data_seed`).
 
     Raises:
         DataValidationError: listing the problems of every file (not just the first bad one).
@@ -83,12 +92,39 @@ def load_datasets(config: DataConfig) -> list[RetrievalData]:
                     cache_dir=config.cache_dir,
                 )
             )
+            if spec.num_samples is not None:
+                out[-1] = sample_examples(out[-1], spec.num_samples, data_seed(config, seed))
         except DataValidationError as exc:
             problems += exc.problems
             total += exc.total
     if total:
         raise DataValidationError(problems, total)
     return out
+
+
+def data_seed(config: DataConfig, seed: int | None = None) -> int:
+    """The seed data sampling uses: ``config.seed``, else the recipe's, else 0."""
+    return config.seed if config.seed is not None else (seed if seed is not None else 0)
+
+
+def sample_examples(data: RetrievalData, num_samples: int, seed: int) -> RetrievalData:
+    """A fixed random subset of ``num_samples`` examples, drawn once (NeMo's ``num_samples``).
+
+    The draw is ``random.Random(seed).sample`` over the example order, as NeMo AutoModel's loader does
+    (which indices ``random.sample`` picks depends only on the population size), so the same file and
+    seed keep the same examples in both. Asking for more examples than there are keeps all (with a
+    warning, as NeMo does).
+    """
+    if num_samples >= len(data):
+        if num_samples > len(data):
+            warnings.warn(
+                f"{data.source}: num_samples={num_samples} but only {len(data)} examples; using all",
+                UserWarning,
+                stacklevel=3,
+            )
+        return data
+    picked = random.Random(seed).sample(range(len(data)), num_samples)
+    return data.select(picked)
 
 
 class TrainDataset:
@@ -127,7 +163,7 @@ class TrainDataset:
         self.specs: list[DatasetConfig] = list(config.datasets)
         self.config = config
         self.batch_size = batch_size
-        self.seed = config.seed if config.seed is not None else (seed if seed is not None else 0)
+        self.seed = data_seed(config, seed)
         self.n_negatives = config.n_passages - 1
         self.epoch = 0
         self._schedule_epoch = -1
@@ -151,7 +187,7 @@ class TrainDataset:
     @classmethod
     def from_config(cls, config: DataConfig, *, batch_size: int = 1, seed: int | None = None) -> TrainDataset:
         """Read every dataset of ``config`` and build the sampler over them."""
-        return cls(load_datasets(config), config, batch_size=batch_size, seed=seed)
+        return cls(load_datasets(config, seed), config, batch_size=batch_size, seed=seed)
 
     # ------------------------------------------------------------------ checks
     def _check_negatives(self, d: int, data: RetrievalData) -> None:
@@ -268,22 +304,30 @@ class TrainDataset:
         data = self.datasets[dataset]
         spec = self.specs[dataset]
         positives = data.positives(example)
-        pos = int(positives[epoch % len(positives)])
+        pos = int(positives[epoch % len(positives)] if self.config.cycle_positive_docs else positives[0])
         negs = self.sample_negatives(dataset, example, epoch)
         rows = [pos, *negs]
         texts = data.corpus.texts(rows)
-        instr = data.instructions_of(example)
+        instr = data.instructions_of(example) if self.config.use_dataset_instruction else Instructions()
         return TrainItem(
             query=data.queries[example],
             passages=tuple(texts),
             doc_ids=tuple(text_hash(t) for t in texts),
-            query_instruction=spec.query_instruction if spec.query_instruction is not None else instr.query,
-            passage_instruction=spec.passage_instruction
-            if spec.passage_instruction is not None
-            else instr.passage,
+            query_instruction=self._joined(
+                spec.query_instruction if spec.query_instruction is not None else instr.query
+            ),
+            passage_instruction=self._joined(
+                spec.passage_instruction if spec.passage_instruction is not None else instr.passage
+            ),
             dataset=dataset,
             example=example,
         )
+
+    def _joined(self, instruction: str | None) -> str | None:
+        """The instruction as it is put before the text: with ``instruction_separator`` when non-empty."""
+        if instruction:
+            return instruction + self.config.instruction_separator
+        return instruction
 
     def sample_negatives(self, dataset: int, example: int, epoch: int) -> list[int]:
         """Corpus rows of the ``n_passages - 1`` negatives of one example at one epoch."""
@@ -294,7 +338,10 @@ class TrainDataset:
         negs = data.negatives(example)
         n = len(negs)
         chosen: list[int] = []
-        if n:
+        if n and self.config.negative_selection == "first":
+            # NeMo AutoModel's choice: the first k in file order (mined files list the hardest first).
+            chosen = [int(x) for x in negs[:k]]
+        elif n:
             # Cycles of m epochs: cycle c shuffles the list once (seeded by the example) and epoch j of
             # the cycle takes window j of that shuffle, so every negative is used once per cycle. The
             # last window of a cycle may be short; it is topped up from the next cycle's shuffle.

@@ -96,7 +96,7 @@ def check_recipe(cfg: TrainConfig, *, check_files: bool = True) -> list[str]:
         notes.append("loss: Matryoshka dimensions are checked against the embedding size at load")
     if check_files:
         for i, ds in enumerate(cfg.data.datasets):
-            if not Path(ds.path).exists():
+            if not ds.path.startswith("hf://") and not Path(ds.path).exists():
                 raise ConfigError(
                     f"data.datasets[{i}].path: {ds.path} does not exist (relative to {Path.cwd()})"
                 )

@@ -160,7 +160,14 @@ CASES: list[tuple[str, str, str | bytes, int | None, str, str]] = [
     ),
     ("cid-top-level-list", "cid", "[]\n", 1, "(file)", "top level is a list"),
     ("cid-missing-data", "cid", '{"corpus": [{"path": "wiki"}]}', None, "data", "missing"),
-    ("cid-corpus-not-list", "cid", '{"corpus": "wiki", "data": []}', None, "corpus", "expected a list"),
+    (
+        "cid-corpus-not-list",
+        "cid",
+        '{"corpus": "wiki", "data": []}',
+        None,
+        "corpus",
+        "expected an object or a list",
+    ),
     (
         "cid-corpus-folder-missing",
         "cid",
