@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "rerank": "embedtune.commands.rerank",
     "info": "embedtune.commands.info",
     "compare": "embedtune.commands.compare",
+    "audit": "embedtune.commands.audit",
 }
 
 
