@@ -17,6 +17,7 @@ enclosing block. Pluggable parts (loss, pooling, optimizer, scheduler) are chose
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,6 +40,7 @@ __all__ = [
     "apply_overrides",
     "config_to_dict",
     "load_config",
+    "override_path",
     "read_yaml",
 ]
 
@@ -223,6 +225,17 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
+def override_path(item: str) -> str:
+    """The key path an override sets, normalised: ``"data.datasets.0.path=x"`` -> ``"data.datasets[0].path"``.
+
+    Raises:
+        ConfigError: ``item`` is not of the form ``key.path=value``.
+    """
+    if "=" not in item or not item.split("=", 1)[0].strip():
+        raise ConfigError(f"override {item!r}: expected KEY.PATH=VALUE, e.g. optimizer.lr=1e-5")
+    return _path_str(_split_key(item.split("=", 1)[0].strip(), item))
+
+
 def _split_key(key: str, item: str) -> list[str | int]:
     # "data.datasets[0].path" -> ["data", "datasets", 0, "path"]; "a.0.b" indexes lists too.
     parts: list[str | int] = []
@@ -329,7 +342,9 @@ def _build_dataclass(cls: type[T], data: Any, path: str) -> T:
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = _join(path, str(unknown[0]))
-        raise ConfigError(f"{key}: unknown key; allowed keys: {', '.join(sorted(fields))}")
+        close = difflib.get_close_matches(str(unknown[0]), sorted(fields), n=1, cutoff=0.6)
+        hint = f" — did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}: unknown key; allowed keys: {', '.join(sorted(fields))}{hint}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         kwargs[name] = _convert(hints[name], value, _join(path, name))

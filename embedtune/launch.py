@@ -30,9 +30,11 @@ __all__ = [
     "EXIT_SIGTERM",
     "add_launch_arguments",
     "check_before_launch",
+    "check_launch_arguments",
     "launch",
     "launch_requested",
     "torchrun_argv",
+    "torchrun_supports",
 ]
 
 EXIT_SIGTERM = 143
@@ -94,6 +96,40 @@ def _nnodes_max(nnodes: str) -> int:
     return parts[-1]
 
 
+def check_launch_arguments(args: argparse.Namespace) -> None:
+    """The launch options are consistent (no torch import: runs before the recipe is even loaded).
+
+    Raises:
+        ConfigError: a bad process or node count, several nodes without ``--rdzv-endpoint``, or a
+            negative timeout/restart count.
+    """
+    nproc = getattr(args, "nproc_per_node", None)
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc-per-node {nproc}: must be >= 1 (one per GPU is usual)")
+    nnodes = getattr(args, "nnodes", "1")
+    if _nnodes_max(nnodes) > 1 and not getattr(args, "rdzv_endpoint", None):
+        raise ConfigError(
+            f"--nnodes {nnodes}: several machines need a meeting point; add --rdzv-endpoint HOST:PORT "
+            "with the same value on every node (e.g. the first node's host name and a free port such "
+            "as 29400)"
+        )
+    if getattr(args, "max_restarts", 0) < 0:
+        raise ConfigError(f"--max-restarts {args.max_restarts}: must be >= 0")
+    if getattr(args, "shutdown_timeout", 1) < 1:
+        raise ConfigError(f"--shutdown-timeout {args.shutdown_timeout}: must be >= 1 second")
+
+
+def torchrun_supports(flag: str) -> bool:
+    """Whether the installed torchrun accepts ``flag`` (e.g. ``--shutdown-timeout``, new in 2026: pytorch#172596).
+
+    Asks torchrun's own argument parser, so no version table has to be kept up to date.
+    """
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    return any(flag in action.option_strings for action in parser._actions)
+
+
 def launch_requested(args: argparse.Namespace) -> bool:
     """True when the options ask for several processes and we are not already one of torchrun's ranks."""
     if "LOCAL_RANK" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
@@ -129,7 +165,7 @@ def torchrun_argv(
     rdzv_endpoint: str | None = None,
     rdzv_id: str = "embedtune",
     max_restarts: int = 0,
-    shutdown_timeout: int = DEFAULT_SHUTDOWN_TIMEOUT_S,
+    shutdown_timeout: int | None = DEFAULT_SHUTDOWN_TIMEOUT_S,
     entry: Sequence[str] = ("-m", "embedtune.train"),
 ) -> list[str]:
     """The torchrun arguments that run ``python -m embedtune.train <recipe_argv>`` on every rank.
@@ -141,7 +177,8 @@ def torchrun_argv(
         rdzv_endpoint: ``HOST:PORT`` of the c10d rendezvous (required for several machines).
         rdzv_id: job id shared by the machines.
         max_restarts: torchrun restarts of the whole group after a failure.
-        shutdown_timeout: seconds ranks get after SIGTERM before SIGKILL.
+        shutdown_timeout: seconds ranks get after SIGTERM before SIGKILL; None leaves the flag out
+            (older torchrun versions have no ``--shutdown-timeout``: see :func:`torchrun_supports`).
         entry: what each rank runs (``-m module`` or a script path).
 
     Raises:
@@ -151,7 +188,8 @@ def torchrun_argv(
         raise ConfigError(f"--nproc-per-node {nproc_per_node}: must be >= 1 (one per GPU is usual)")
     multi_node = _nnodes_max(nnodes) > 1
     argv = ["--nproc-per-node", str(nproc_per_node), "--max-restarts", str(max_restarts)]
-    argv += ["--shutdown-timeout", str(shutdown_timeout)]
+    if shutdown_timeout is not None:
+        argv += ["--shutdown-timeout", str(shutdown_timeout)]
     if multi_node:
         if not rdzv_endpoint:
             raise ConfigError(
@@ -191,6 +229,14 @@ def launch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    shutdown_timeout: int | None = args.shutdown_timeout
+    if not torchrun_supports("--shutdown-timeout"):
+        print(
+            "embedtune: note: this torch's torchrun has no --shutdown-timeout; after a SIGTERM the ranks get "
+            "its fixed grace period (30 s) to checkpoint",
+            flush=True,
+        )
+        shutdown_timeout = None
     argv = torchrun_argv(
         recipe_argv,
         nproc_per_node=args.nproc_per_node or 1,
@@ -198,7 +244,7 @@ def launch(
         rdzv_endpoint=args.rdzv_endpoint,
         rdzv_id=args.rdzv_id,
         max_restarts=args.max_restarts,
-        shutdown_timeout=args.shutdown_timeout,
+        shutdown_timeout=shutdown_timeout,
         entry=entry,
     )
     print("embedtune: torchrun " + " ".join(argv), flush=True)

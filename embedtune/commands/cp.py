@@ -24,7 +24,12 @@ def run(args: argparse.Namespace) -> int:
 
     src = recipe_path(args.name)
     if src is None:
-        raise ConfigError(f"{args.name}: no such shipped recipe; choose one of: {', '.join(list_recipes())}")
+        from embedtune.commands._checks import did_you_mean
+
+        raise ConfigError(
+            f"{args.name}: no such shipped recipe{did_you_mean(args.name, list_recipes(), cutoff=0.5)}; "
+            f"choose one of: {', '.join(list_recipes())}"
+        )
     dest = Path(args.dest)
     if dest.is_dir():
         dest = dest / src.name

@@ -38,6 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check(args: argparse.Namespace) -> None:
+    """Input, output and model, before anything heavy is imported."""
+    from embedtune.commands import _checks
+
+    inp = _checks.existing_path(args.input, "--input", kind="file")
+    if inp.suffix not in (".txt", ".jsonl"):
+        raise _checks.UsageError(f"--input {inp}: use a .txt (one text per line) or .jsonl file")
+    _checks.check_output_file(args.output, "--output", suffixes=(".npy",))
+    _checks.check_positive(args.batch_size, "--batch-size")
+    _checks.check_positive(args.max_length, "--max-length")
+    _checks.check_model(args.model)
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 

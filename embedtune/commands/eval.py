@@ -103,6 +103,30 @@ def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def check(args: argparse.Namespace) -> None:
+    """Data, outputs, cut-offs and model, before anything heavy is imported."""
+    from embedtune.commands import _checks
+
+    if any(k < 1 for k in args.k):
+        raise _checks.UsageError(f"--k: cut-offs must be >= 1, got {args.k}")
+    for value, flag in (
+        (args.batch_size, "--batch-size"),
+        (args.max_length, "--max-length"),
+        (args.top_k, "--top-k"),
+        (args.max_queries, "--max-queries"),
+        (args.max_corpus, "--max-corpus"),
+    ):
+        _checks.check_positive(value, flag)
+    _checks.existing_path(args.data, "--data")
+    if args.output:
+        _checks.check_output_file(args.output, "--output")
+    if args.run:
+        _checks.check_output_file(args.run, "--run")
+    if args.cache_dir and not args.no_cache:
+        _checks.check_output_dir(args.cache_dir, "--cache-dir")
+    _checks.check_model(args.model)
+
+
 def run(args: argparse.Namespace) -> int:
     """Load, evaluate, print the table, write the JSON and run files."""
     import json

@@ -51,10 +51,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def check(args: argparse.Namespace) -> None:
+    """The onnx extra, model, output folder and evaluation data, before anything heavy is imported."""
+    from embedtune.commands import _checks
     from embedtune.export.errors import require_onnx
 
     require_onnx()  # before loading a model: the missing extra is the first thing to fix
+    _checks.check_positive(args.max_length, "--max-length")
+    _checks.check_positive(args.eval_queries, "--eval-queries")
+    _checks.check_positive(args.eval_docs, "--eval-docs")
+    if args.min_cosine is not None and not -1 <= args.min_cosine <= 1:
+        raise _checks.UsageError(f"--min-cosine: must be a cosine in [-1, 1], got {args.min_cosine}")
+    if args.eval_data:
+        _checks.existing_path(args.eval_data, "--eval-data", kind="dir")
+    _checks.check_output_dir(args.output, "--output")
+    _checks.check_model(args.model)
+
+
+def run(args: argparse.Namespace) -> int:
     from embedtune.export.onnx import describe, export_onnx
     from embedtune.export.verify import bundled_eval_data, small_beir_slice
 

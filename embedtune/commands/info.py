@@ -13,6 +13,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code")
 
 
+def check(args: argparse.Namespace) -> None:
+    """The model name or folder, before anything heavy is imported."""
+    from embedtune.commands import _checks
+
+    if args.model and not args.list:
+        _checks.check_model(args.model, "MODEL")
+
+
 def run(args: argparse.Namespace) -> int:
     from embedtune import AutoBiEncoder
     from embedtune.models import zoo

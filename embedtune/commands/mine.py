@@ -67,6 +67,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
+def check(args: argparse.Namespace) -> None:
+    """Data, output, range and models, before anything heavy is imported."""
+    from embedtune.commands import _checks
+
+    _checks.existing_path(args.data, "--data")
+    _checks.check_output_file(args.output, "--output", suffixes=(".json", ".jsonl"))
+    start, _, end = str(args.range).partition(":")
+    if not (end.strip().isdigit() and (not start.strip() or start.strip().isdigit())) or int(
+        start or 0
+    ) >= int(end):
+        raise _checks.UsageError(
+            f"--range: expected START:END with 0 <= START < END such as 10:100, got {args.range!r}"
+        )
+    for value, flag in (
+        (args.num_negatives, "--num-negatives"),
+        (args.batch_size, "--batch-size"),
+        (args.max_length, "--max-length"),
+        (args.query_max_length, "--query-max-length"),
+        (args.query_block, "--query-block"),
+        (args.corpus_block, "--corpus-block"),
+    ):
+        _checks.check_positive(value, flag)
+    if args.cache_dir and not args.no_cache:
+        _checks.check_output_dir(args.cache_dir, "--cache-dir")
+    _checks.check_model(args.model)
+    if args.reranker:
+        _checks.check_model(args.reranker, "--reranker")
+
+
 def run(args: argparse.Namespace) -> int:
     """Mine, write, and print a one-screen summary."""
     import torch

@@ -61,6 +61,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check(args: argparse.Namespace) -> None:
+    """Recipes, models, data and outputs of each action, before anything heavy is imported."""
+    from embedtune.commands import _checks
+
+    if args.action in ("train", "distill"):
+        _checks.check_recipe_source(args.recipe)
+        return
+    _checks.check_model(args.reranker, "--reranker")
+    if args.action == "eval":
+        _checks.existing_path(args.data, "--data")
+        _checks.check_model(args.retriever, "--retriever")
+        for value, flag in (
+            (args.top_k, "--top-k"),
+            (args.batch_size, "--batch-size"),
+            (args.rerank_batch_size, "--rerank-batch-size"),
+            (args.max_length, "--max-length"),
+        ):
+            _checks.check_positive(value, flag)
+        if args.json:
+            _checks.check_output_file(args.json, "--json")
+    elif args.action == "score":
+        if not args.query.strip():
+            raise _checks.UsageError("--query: give a non-empty query text")
+    elif args.action == "export":
+        _checks.check_output_dir(args.output, "--output")
+
+
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the action."""
     if args.action == "train":

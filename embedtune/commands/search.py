@@ -33,6 +33,19 @@ def _snippet(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(0, width - 1)] + "…"
 
 
+def check(args: argparse.Namespace) -> None:
+    """Queries, corpus and model, before anything heavy is imported."""
+    from embedtune.commands import _checks
+
+    if not any(q.strip() for q in args.queries):
+        raise _checks.UsageError("QUERY: give a non-empty query text")
+    _checks.check_positive(args.top_k, "--top-k")
+    _checks.check_positive(args.batch_size, "--batch-size")
+    _checks.check_positive(args.max_length, "--max-length")
+    _checks.existing_path(args.corpus, "--corpus")
+    _checks.check_model(args.model)
+
+
 def run(args: argparse.Namespace) -> int:
     """Encode the corpus (or reuse the cache), search, print."""
     import json

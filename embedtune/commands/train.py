@@ -31,7 +31,7 @@ def _recipe_kind(recipe: str) -> str:
     from embedtune.config import read_yaml
     from embedtune.recipes import recipe_path
 
-    path = recipe_path(recipe) if not Path(recipe).is_file() else Path(recipe)
+    path = Path(recipe) if Path(recipe).is_file() else recipe_path(recipe)
     if path is None:
         return "biencoder"  # load_train_config reports the missing file
     raw = read_yaml(path)
@@ -40,9 +40,26 @@ def _recipe_kind(recipe: str) -> str:
     return "distill" if "distill" in raw else "biencoder"
 
 
+def check(args: argparse.Namespace) -> None:
+    """Recipe, overrides, model, data and output folder, before anything heavy is imported.
+
+    Rerank and distillation recipes are checked by their own loaders in ``run``.
+    """
+    from embedtune.commands import _checks
+    from embedtune.launch import check_launch_arguments
+
+    check_launch_arguments(args)
+    _checks.check_recipe_source(args.recipe)
+    if _recipe_kind(args.recipe) != "biencoder":
+        return
+    cfg = _checks.load_recipe(args.recipe, args.overrides)
+    _checks.check_recipe_paths(cfg)
+    _checks.check_train_outputs(cfg)
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate the recipe, train, and return 0 (done), 143/130 (stopped by SIGTERM/SIGINT, resumable)."""
-    from embedtune.training.config import load_train_config
+    from embedtune.commands._checks import load_recipe
 
     kind = _recipe_kind(args.recipe)
     if kind in ("rerank", "distill"):  # the same command trains rerankers and distils from them
@@ -56,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                 debug=args.debug,
             )
         )
-    cfg = load_train_config(args.recipe, args.overrides)  # fails fast, before any model is loaded
+    cfg = load_recipe(args.recipe, args.overrides)  # fails fast, before any model is loaded
 
     # Distributed: start N ranks through torchrun (each runs `python -m embedtune.train`), or, when
     # this process is one of torchrun's ranks, train as that rank.

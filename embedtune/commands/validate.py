@@ -18,12 +18,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check(args: argparse.Namespace) -> None:
+    """The recipe file or name (typos get the closest shipped recipe)."""
+    from embedtune.commands._checks import check_recipe_source
+
+    check_recipe_source(args.recipe)
+
+
 def run(args: argparse.Namespace) -> int:
     """Print ``OK`` and a summary, or raise ``ConfigError`` naming the problem."""
-    from embedtune.training.config import load_train_config
+    from embedtune.commands._checks import load_recipe
     from embedtune.training.validate import check_recipe
 
-    cfg = load_train_config(args.recipe, args.overrides)
+    cfg = load_recipe(args.recipe, args.overrides)
     notes = check_recipe(cfg, check_files=not args.no_files)
     for note in notes:
         print(f"  {note}")

@@ -55,6 +55,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="corpus cache folder (default: ~/.cache/embedtune)")
 
 
+def check(args: argparse.Namespace) -> None:
+    """Recipes, the negatives file and the tokenizer's model, before anything heavy is imported.
+
+    A missing data path is not an argument error here: it is reported as a problem of that path (with
+    the others), as this command reports every problem it finds.
+    """
+    from embedtune.commands import _checks
+
+    for path in args.paths:
+        if path.endswith((".yaml", ".yml")):
+            _checks.existing_path(path, "PATH", kind="file")
+    if args.negatives:
+        _checks.existing_path(args.negatives, "--negatives", kind="file")
+    _checks.check_positive(args.sample, "--sample", minimum=0)
+    _checks.check_positive(args.n_passages, "--n-passages")
+    if args.tokenizer.lower() != "none":
+        _checks.check_model(args.tokenizer, "--tokenizer")
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate each path; print a report; 1 if any problem was found."""
     import warnings
@@ -62,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     from embedtune.data.formats import read_training_file
     from embedtune.data.problems import DataValidationError
 
-    tokenizer = _load_tokenizer(args.tokenizer)
+    # Loaded when the first data set is read without a fatal problem: a missing file is reported at
+    # once, without importing transformers.
+    tokenizer: Any = _LazyTokenizer(args.tokenizer)
     any_problem = False
     for path, fmt, split, negatives, n_passages in _targets(args):
         print(f"{path}")
@@ -83,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             _print_problems(exc.problems, exc.total)
             any_problem = True
             continue
-        _print_stats(data, tokenizer, args.sample, n_passages)
+        _print_stats(data, tokenizer.get(), args.sample, n_passages)
         problems = list(data.problems)
         total = data.problem_count
         corpus_problems = _corpus_problems(data)
@@ -201,6 +222,20 @@ def _percentiles(lengths: Any) -> str:
 
     p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
     return f"p50 {p50:.0f}, p90 {p90:.0f}, p99 {p99:.0f}, max {lengths.max()}"
+
+
+class _LazyTokenizer:
+    """Loads the tokenizer once, on first use."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._loaded = False
+        self._tokenizer: Any = None
+
+    def get(self) -> Any:
+        if not self._loaded:
+            self._tokenizer, self._loaded = _load_tokenizer(self.name), True
+        return self._tokenizer
 
 
 def _load_tokenizer(name: str) -> Any:

@@ -56,7 +56,11 @@ def test_yaml_file_and_overrides(tmp_path):
     ("data", "message"),
     [
         ({"optimizer": {"lr": "abc"}}, r"^optimizer\.lr: expected float, got 'abc'$"),
-        ({"optimizer": {"lrr": 1}}, r"^optimizer\.lrr: unknown key; allowed keys: betas, lr, name$"),
+        (
+            {"optimizer": {"lrr": 1}},
+            r"^optimizer\.lrr: unknown key; allowed keys: betas, lr, name — did you mean 'lr'\?$",
+        ),
+        ({"optimizer": {"zzz": 1}}, r"^optimizer\.zzz: unknown key; allowed keys: betas, lr, name$"),
         ({"optimizer": {"name": "adam"}}, r"^optimizer\.name: 'adam' is not one of: adamw, sgd$"),
         ({"optimizer": {"lr": -1}}, r"^optimizer\.lr: must be > 0, got -1\.0$"),
         ({"seed": 1.5}, r"^seed: expected int, got 1\.5$"),
