@@ -760,3 +760,189 @@ def write_mined(
     _atomic_write(out, write_json)
     written.insert(0, out)
     return written
+
+
+# ------------------------------------------------------------------------------ re-mining in training
+
+
+def _rng_states() -> tuple[Any, Any, Any]:
+    import random
+
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _set_rng_states(states: tuple[Any, Any, Any]) -> None:
+    import random
+
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
+
+
+def merge_negatives(
+    mined: Sequence[int], previous: Sequence[int], positives: Sequence[int], needed: int
+) -> list[int]:
+    """The re-mined negatives, topped up from the previous ones when the margin left fewer than ``needed``.
+
+    Order: the mined ones (best-scoring first), then previous ones in their order, skipping positives
+    and repeats. Deterministic, so re-deriving it gives the same list.
+    """
+    out = [int(r) for r in mined]
+    if len(out) >= needed:
+        return out
+    seen = set(out) | {int(p) for p in positives}
+    for r in previous:
+        if len(out) >= needed:
+            break
+        if int(r) not in seen:
+            out.append(int(r))
+            seen.add(int(r))
+    return out
+
+
+class NegativeRefresher:
+    """Re-mines the hard negatives of the training data with the model being trained (ANCE-style).
+
+    Every ``refresh_every_steps`` optimizer steps, :meth:`refresh` encodes each training corpus with the
+    current model (``mine_hard_negatives``: the evaluation's corpus encoder and blocked exact search),
+    picks negatives with the positive-aware margin, and returns the data sets with their negatives
+    replaced; the epochs that follow sample from them. Examples the margin leaves short are topped up
+    from their previous negatives (:func:`merge_negatives`).
+
+    Determinism under resume: each refresh writes its negatives to ``<output_dir>/mined/step_<N>.npz``
+    (atomically, before training continues) and :meth:`state_dict` names that file; a resumed run loads
+    it (:meth:`load_state_dict`) and so trains on exactly the negatives the interrupted run had. The RNG
+    streams are saved and restored around a refresh, so encoding never shifts the training randomness.
+
+    Args:
+        settings: window, margin and count of the mined negatives.
+        every: refresh period in optimizer steps.
+        output_dir: the run's output folder.
+        needed: negatives each example needs (``n_passages - 1``).
+        batch_size: texts per encoding forward pass.
+        bf16: encode under bf16 autocast.
+        max_length: tokens per text while encoding (None: the model's).
+        cache_dir: corpus-embedding cache (None: no cache; the weights change every refresh anyway).
+    """
+
+    def __init__(
+        self,
+        settings: MiningSettings,
+        every: int,
+        output_dir: str | os.PathLike[str],
+        *,
+        needed: int,
+        batch_size: int = 64,
+        bf16: bool = False,
+        max_length: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        backend: str = "exact",
+    ) -> None:
+        if every < 1:
+            raise ConfigError(f"mining.refresh_every_steps: must be >= 1, got {every}")
+        self.settings = settings
+        self.every = int(every)
+        self.folder = Path(output_dir) / "mined"
+        self.needed = int(needed)
+        self.batch_size = batch_size
+        self.bf16 = bf16
+        self.max_length = max_length
+        self.cache_dir = cache_dir
+        self.backend = backend
+        self.mined_step: int | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def due(self, step: int) -> bool:
+        """Whether the negatives are re-mined before optimizer step ``step + 1`` (i.e. after ``step`` steps)."""
+        return step > 0 and step % self.every == 0 and self.mined_step != step
+
+    def _path(self, step: int) -> Path:
+        return self.folder / f"step_{step:08d}.npz"
+
+    def refresh(self, encoder: Any, datasets: Sequence[Any], step: int) -> list[Any]:
+        """Re-mine every data set with ``encoder``; returns the data sets with the new negatives.
+
+        Raises:
+            DataError: a data set has an example without positives.
+        """
+        import dataclasses
+
+        states = _rng_states()
+        t0 = time.perf_counter()
+        out, arrays, stats = [], {}, []
+        try:
+            for d, data in enumerate(datasets):
+                result = mine_hard_negatives(
+                    encoder,
+                    data,
+                    self.settings,
+                    batch_size=self.batch_size,
+                    bf16=self.bf16,
+                    max_length=self.max_length,
+                    cache_dir=self.cache_dir,
+                    backend=self.backend,
+                    show_progress=False,
+                )
+                lists = [
+                    merge_negatives(
+                        ex.negatives, data.negatives(i).tolist(), data.positives(i).tolist(), self.needed
+                    )
+                    for i, ex in enumerate(result.examples)
+                ]
+                offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+                offsets[1:] = np.cumsum([len(x) for x in lists])
+                rows = np.fromiter((r for x in lists for r in x), dtype=np.int64, count=int(offsets[-1]))
+                arrays[f"offsets_{d}"], arrays[f"rows_{d}"] = offsets, rows
+                out.append(dataclasses.replace(data, neg_offsets=offsets, neg_rows=rows))
+                changed = sum(1 for i, x in enumerate(lists) if set(x) != set(data.negatives(i).tolist()))
+                stats.append({"dataset": d, "examples_changed": changed, **result.stats})
+        finally:
+            _set_rng_states(states)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self._path(step)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+        self.mined_step = step
+        self.history.append({"step": step, "seconds": round(time.perf_counter() - t0, 2), "datasets": stats})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready state: the step whose negatives are in use and their file (relative to output_dir)."""
+        if self.mined_step is None:
+            return {"mined_step": None}
+        return {
+            "mined_step": self.mined_step,
+            "file": str(self._path(self.mined_step).relative_to(self.folder.parent)),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], datasets: Sequence[Any]) -> list[Any] | None:
+        """Restore the negatives in use at the checkpoint; None when none had been mined yet.
+
+        Raises:
+            DataError: the file named by the checkpoint is missing or does not fit the data.
+        """
+        import dataclasses
+
+        step = state.get("mined_step")
+        if step is None:
+            return None
+        path = self.folder.parent / state["file"]
+        if not path.is_file():
+            raise DataError(
+                f"{path}: the negatives mined at step {step} are missing — the checkpoint needs them to resume "
+                "exactly; restore the run's mined/ folder or start from an earlier checkpoint"
+            )
+        with np.load(path) as z:
+            out = []
+            for d, data in enumerate(datasets):
+                offsets, rows = z[f"offsets_{d}"], z[f"rows_{d}"]
+                if len(offsets) != len(data) + 1:
+                    raise DataError(
+                        f"{path}: mined for {len(offsets) - 1} examples, the data set has {len(data)} — "
+                        "resume with the same data"
+                    )
+                out.append(dataclasses.replace(data, neg_offsets=offsets.copy(), neg_rows=rows.copy()))
+        self.mined_step = int(step)
+        return out
