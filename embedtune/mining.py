@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from embedtune._atomic import atomic_file
 from embedtune.errors import ConfigError, DataError
 
 logger = logging.getLogger("embedtune.mining")
@@ -610,15 +611,9 @@ def _doc_entry(key: str, value: str, score: float, teacher: float | None) -> dic
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a text file through ``write(f)``; the previous file stays until the new one is complete."""
+    with atomic_file(path) as f:
+        write(f)
 
 
 def _corpus_entries_for(data: Any, input_path: Path, output: Path) -> list[dict[str, Any]] | None:

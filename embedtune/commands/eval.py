@@ -129,13 +129,13 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load, evaluate, print the table, write the JSON and run files."""
-    import json
     import sys
     import warnings
     from pathlib import Path
 
     import torch
 
+    from embedtune._atomic import write_json
     from embedtune.errors import ConfigError
     from embedtune.eval.cache import default_cache_dir
     from embedtune.eval.datasets import EvalDataWarning, load_eval_set
@@ -227,9 +227,7 @@ def run(args: argparse.Namespace) -> int:
             "warnings": eval_set.warnings,
         }
         out["per_query"] = result.per_query  # what `embedtune compare` tests on
-        p = Path(args.output)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+        p = write_json(args.output, out)  # atomic: an earlier results file survives a failed write
         print(f"metrics: {p}")
     if args.run:
         print(f"run: {write_trec_run(result.run, args.run)}")

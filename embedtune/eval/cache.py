@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from embedtune._atomic import atomic_file, write_bytes
+
 # Bump when the meaning of a cached vector changes (e.g. how encoding works), to invalidate old entries.
 CACHE_VERSION = 1
 
@@ -166,24 +168,16 @@ class EmbeddingCache:
 
     def save(self, key: str, embeddings: np.ndarray, description: dict[str, Any]) -> Path:
         """Write an entry atomically; returns the ``.npy`` path."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         npy, meta = self.paths(key)
-        for path, writer in (
-            (npy, lambda f: np.save(f, np.ascontiguousarray(embeddings, dtype=np.float32))),
-            (
-                meta,
-                lambda f: f.write(json.dumps(description, indent=2, sort_keys=True, default=str).encode()),
-            ),
-        ):
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    writer(f)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+        # The vectors first: a description without vectors is a miss, never a wrong hit.
+        with atomic_file(npy, "wb") as f:
+            np.save(f, np.ascontiguousarray(embeddings, dtype=np.float32))
+        write_bytes(meta, _describe(description))
         return npy
+
+
+def _describe(description: dict[str, Any]) -> bytes:
+    return json.dumps(description, indent=2, sort_keys=True, default=str).encode()
 
 
 class PendingEntry:
@@ -197,12 +191,14 @@ class PendingEntry:
         self.array.flush()  # type: ignore[attr-defined]
         del self.array
         npy, meta = self.cache.paths(self.key)
-        fd, tmp_meta = tempfile.mkstemp(dir=self.cache.folder, prefix=f".{meta.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(json.dumps(description, indent=2, sort_keys=True, default=str).encode())
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         # The vectors first: a description without vectors is a miss, never a wrong hit.
         os.replace(self.tmp, npy)
-        os.replace(tmp_meta, meta)
+        write_bytes(meta, _describe(description))
         return np.load(npy, mmap_mode="r")
 
     def abort(self) -> None:

@@ -325,11 +325,11 @@ def write_trec_run(run: Mapping[str, Mapping[str, float]], path: str | Path, tag
     Returns:
         The path.
     """
+    from embedtune._atomic import atomic_file
     from embedtune.eval.metrics import trec_order
 
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", encoding="utf-8") as f:
+    with atomic_file(p) as f:  # an earlier run file survives a failed write
         for qid in run:
             docs = run[qid]
             for rank, doc_id in enumerate(trec_order(docs), start=1):

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from embedtune._atomic import install_folder
 from embedtune.export.errors import OnnxExportError, VerificationError, require_onnx
 from embedtune.export.runtime import ONNX_FILE, OnnxBiEncoder, is_onnx_export
 from embedtune.export.verify import (
@@ -500,15 +501,12 @@ def _fail_below(report: ParityReport, threshold: float, label: str) -> None:
 
 
 def _install(src: Path, output: Path) -> None:
-    """Move the finished export into ``output`` (replacing an earlier export there)."""
-    output.mkdir(parents=True, exist_ok=True)
-    for f in output.iterdir():  # an earlier export: remove it so no stale external data survives
-        if f.is_dir():
-            shutil.rmtree(f)
-        else:
-            f.unlink()
-    for f in src.iterdir():
-        shutil.move(str(f), str(output / f.name))
+    """Move the finished export to ``output``, replacing an earlier export there only once it is in.
+
+    The whole folder is swapped (``embedtune._atomic.install_folder``): no stale external data of the
+    earlier export survives, and a crash at any step leaves the earlier export intact.
+    """
+    install_folder(src, output)
 
 
 def describe(result: ExportResult) -> str:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from embedtune._atomic import staged_folder
+from embedtune.errors import ConfigError
 from embedtune.models.pooling import TO_SENTENCE_TRANSFORMERS
 from embedtune.models.settings import EncoderSettings
 
@@ -117,18 +119,41 @@ def _write_json(path: Path, content: Any) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+#: Files that mark a folder as an earlier save, which a new save may replace.
+_SAVE_MARKERS = ("embedtune.json", "config.json", "adapter_config.json")
+
+
+def _check_target(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: exists and is not a folder — choose another folder to save the model in")
+    if path.is_dir() and any(path.iterdir()) and not any((path / m).is_file() for m in _SAVE_MARKERS):
+        raise ConfigError(
+            f"{path}: folder is not empty and is not an earlier saved model — saving replaces the whole "
+            "folder, so choose an empty or new one"
+        )
+
+
 def save_biencoder(model: BiEncoder, path: Path, *, merge_lora: bool = True) -> Path:
-    """Write ``model`` to ``path`` (see the module docstring for the layout)."""
+    """Write ``model`` to ``path`` (see the module docstring for the layout).
+
+    The folder is written beside ``path`` and swapped in only when complete
+    (``embedtune._atomic.staged_folder``): a crash or a full disk leaves the previous save intact.
+
+    Raises:
+        ConfigError: ``path`` is a file, or a non-empty folder that is not an earlier save.
+    """
     from embedtune.models.zoo import quiet_transformers
 
+    target = Path(path).expanduser().absolute()
+    _check_target(target)
     # PEFT re-reads the base config (a stock `llama` beside our `llama_bidirec` class): an expected
     # type-mismatch warning, and per-shard progress bars, that would only confuse a user.
-    with quiet_transformers():
-        return _save_biencoder(model, path, merge_lora=merge_lora)
+    with quiet_transformers(), staged_folder(target) as staged:
+        _save_biencoder(model, staged, merge_lora=merge_lora, name=target.name)
+    return Path(path)
 
 
-def _save_biencoder(model: BiEncoder, path: Path, *, merge_lora: bool) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
+def _save_biencoder(model: BiEncoder, path: Path, *, merge_lora: bool, name: str) -> Path:
     backbone = model.backbone
     is_peft = hasattr(backbone, "peft_config")
     settings = model.settings
@@ -136,7 +161,7 @@ def _save_biencoder(model: BiEncoder, path: Path, *, merge_lora: bool) -> Path:
         backbone.save_pretrained(str(path))  # adapter_config.json + adapter_model.safetensors
         model.tokenizer.save_pretrained(str(path))
         settings.save(path)
-        write_model_card(path, model, adapter=True)
+        write_model_card(path, model, adapter=True, name=name)
         return path
 
     base = model.base_model
@@ -152,12 +177,13 @@ def _save_biencoder(model: BiEncoder, path: Path, *, merge_lora: bool) -> Path:
             **{**settings.__dict__, "source": {**settings.source, "lora_merged": True}}
         )
     settings.save(path)
-    write_model_card(path, model, adapter=False)
+    write_model_card(path, model, adapter=False, name=name)
     return path
 
 
-def write_model_card(path: Path, model: BiEncoder, *, adapter: bool) -> None:
-    """A README.md with the facts a user needs to use the model correctly."""
+def write_model_card(path: Path, model: BiEncoder, *, adapter: bool, name: str | None = None) -> None:
+    """A README.md with the facts a user needs to use the model correctly (``name``: the folder's name)."""
+    name = name or path.name
     s = model.settings
     source = s.source.get("name_or_path", "unknown")
     conversion = (
@@ -191,7 +217,7 @@ base_model: {source}
 ## Use it
 ```python
 from embedtune import AutoBiEncoder
-model = AutoBiEncoder.from_pretrained("{path.name}")
+model = AutoBiEncoder.from_pretrained("{name}")
 q = model.encode_queries(["how do vaccines work?"])
 d = model.encode_documents(["Vaccines train the immune system ..."])
 print(q @ d.T)
@@ -199,7 +225,7 @@ print(q @ d.T)
 With sentence-transformers (prompts are stored with the model):
 ```python
 from sentence_transformers import SentenceTransformer
-model = SentenceTransformer("{path.name}")
+model = SentenceTransformer("{name}")
 q = model.encode(["how do vaccines work?"], prompt_name="query")
 d = model.encode(["Vaccines train the immune system ..."], prompt_name="document")
 ```

@@ -308,6 +308,57 @@ def test_exporting_again_into_an_export_folder_replaces_it(tmp_path):
     assert OnnxBiEncoder.from_pretrained(tmp_path / "out").encode(["x"]).shape == (1, model.dim)
 
 
+@pytest.mark.parametrize("swap", ["renameat2", "rename-aside"])
+def test_a_disk_failure_while_installing_a_new_export_keeps_the_previous_one(tmp_path, monkeypatch, swap):
+    import errno
+    import os
+    import shutil
+
+    import embedtune._atomic as atomic
+    import embedtune.export.onnx as export_module
+
+    model = AutoBiEncoder.from_pretrained("tiny-llama", pooling="mean")
+    out = tmp_path / "out"
+    export_onnx(model, out, external_data=True, verify=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    expected = OnnxBiEncoder.from_pretrained(out).encode(["a text"])
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_install = export_module._install
+
+    def install_on_a_full_disk(src, output):
+        # Every way of moving a file of the new export into place fails, from here on.
+        real_rename, real_copy = os.rename, shutil.copyfile
+
+        def rename(a, b, *rest, **kw):
+            if "-export-" in str(a):
+                full_disk()
+            return real_rename(a, b, *rest, **kw)
+
+        def copyfile(a, b, *rest, **kw):
+            if "-export-" in str(a):
+                full_disk()
+            return real_copy(a, b, *rest, **kw)
+
+        monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(shutil, "copyfile", copyfile)
+        if swap == "renameat2":
+            monkeypatch.setattr(atomic, "_exchange", full_disk)
+        else:
+            monkeypatch.setattr(atomic, "_exchange", None)
+        real_install(src, output)
+
+    monkeypatch.setattr(export_module, "_install", install_on_a_full_disk)
+    with pytest.raises(OSError, match="No space"):
+        export_onnx(model, out, verify=False)  # would replace the external-data export by an inline one
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
+    np.testing.assert_array_equal(OnnxBiEncoder.from_pretrained(out).encode(["a text"]), expected)
+
+
 def test_export_options_do_not_change_the_callers_model(tmp_path):
     model = AutoBiEncoder.from_pretrained("tiny-llama", pooling="mean")
     before = model.settings.max_length

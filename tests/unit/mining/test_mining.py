@@ -363,3 +363,34 @@ def test_cli_mine_on_a_beir_folder(tmp_path: Path, tiny_encoder):
         main(["mine", "--model", "tiny-bert", "--data", str(beir), "--output", str(out), "--range", "9:3"])
         == 2
     )
+
+
+@pytest.mark.parametrize("name", ["mined.json", "mined.jsonl"])
+def test_a_write_that_fails_half_way_keeps_the_previous_mined_file(
+    tmp_path: Path, tiny_encoder, monkeypatch, name
+):
+    import embedtune.mining as mining
+    from embedtune.data.formats import read_training_file
+
+    src = _inline_file(tmp_path)
+    data = read_training_file(src, cache_dir=tmp_path / "c")
+    res = mining.mine_hard_negatives(
+        tiny_encoder, data, MiningSettings(3, 0, 20, 0.95), cache_dir=tmp_path / "emb"
+    )
+    out = tmp_path / "out" / name
+    written = mining.write_mined(data, res, out, input_path=src)
+    before = {p: p.read_bytes() for p in written if p.is_file()}
+    real, calls = mining._doc_entry, []
+
+    def disk_fills(*args):
+        calls.append(1)
+        if len(calls) > 10:  # part of the file is already written when the disk fills
+            raise OSError(28, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(mining, "_doc_entry", disk_fills)
+    with pytest.raises(OSError, match="No space"):
+        mining.write_mined(data, res, out, input_path=src)
+    assert {p: p.read_bytes() for p in written if p.is_file()} == before
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+    assert len(read_training_file(out, cache_dir=tmp_path / "c2")) == len(data)

@@ -185,3 +185,44 @@ def test_bf16_encoding_is_close_to_fp32() -> None:
     fp32 = model.encode_documents(SENTENCES[:8])
     bf16 = model.encode_documents(SENTENCES[:8], bf16=True)
     assert cosines(fp32, bf16).min() > 0.99
+
+
+def test_a_failed_save_keeps_the_previous_model_and_a_foreign_folder_is_never_replaced(tmp_path, monkeypatch):
+    import embedtune._atomic as atomic
+    from embedtune.errors import ConfigError
+
+    folder = tmp_path / "model"
+    AutoBiEncoder.from_pretrained("tiny-llama", pooling="mean").save_pretrained(folder)
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    expected = AutoBiEncoder.from_pretrained(folder).encode_documents(SENTENCES[:4])
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    # The disk fills while the new version is swapped in (both ways of swapping).
+    other = AutoBiEncoder.from_pretrained("tiny-llama", pooling="last")
+    for exchange in (full_disk, None):
+        monkeypatch.setattr(atomic, "_exchange", exchange)
+        monkeypatch.setattr(
+            atomic,
+            "_rename",
+            lambda a, b, real=atomic._rename: full_disk() if ".new-" in str(a) else real(a, b),
+        )
+        with pytest.raises(OSError, match="No space"):
+            other.save_pretrained(folder)
+        monkeypatch.undo()
+        assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+        assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    np.testing.assert_array_equal(
+        AutoBiEncoder.from_pretrained(folder).encode_documents(SENTENCES[:4]), expected
+    )
+    # A second save replaces the first completely.
+    other.save_pretrained(folder)
+    assert json.loads((folder / "embedtune.json").read_text())["pooling"] == "last"
+    # A folder with someone's files in it is not a model folder: refused, untouched.
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "thesis.tex").write_text("...")
+    with pytest.raises(ConfigError, match="not an earlier saved model"):
+        other.save_pretrained(busy)
+    assert [p.name for p in busy.iterdir()] == ["thesis.tex"]
