@@ -8,7 +8,12 @@ The batch::
 
     {"query":    {input_ids, attention_mask, pooling_mask},   # (B, Sq)
      "passages": {input_ids, attention_mask, pooling_mask},   # (B * n_passages, Sp), positive first
-     "doc_ids":  LongTensor (B, n_passages)}                  # text hashes, for false-negative masking
+     "doc_ids":  LongTensor (B, n_passages),                  # text hashes, for false-negative masking
+     "positive_ids": LongTensor (B, P_max)}                   # keys of *all* positives, -1 padded
+
+``positive_ids`` row ``i`` holds the keys (same hash as ``doc_ids``) of every positive of query ``i`` —
+its sampled positive first, then the others — so the loss can keep them all out of its negatives. Items
+that carry no ``positive_ids`` fall back to their sampled positive's key, ``doc_ids[0]``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,16 @@ if TYPE_CHECKING:
     from embedtune.data.config import DataConfig
     from embedtune.data.dataset import TrainItem
 
-__all__ = ["BiEncoderCollator"]
+__all__ = ["BiEncoderCollator", "positive_id_rows"]
+
+PAD_KEY = -1  # = embedtune.training.loss.PAD_KEY (not imported: the data package does not import training)
+
+
+def positive_id_rows(items: Sequence[TrainItem]) -> list[list[int]]:
+    """Every item's positive keys, sampled positive first, without repeats, padded with -1 to one width."""
+    rows = [list(dict.fromkeys((it.doc_ids[0], *it.positive_ids))) for it in items]
+    width = max(len(r) for r in rows)
+    return [r + [PAD_KEY] * (width - len(r)) for r in rows]
 
 
 class BiEncoderCollator:
@@ -88,7 +102,7 @@ class BiEncoderCollator:
         )
 
     def __call__(self, items: Sequence[TrainItem]) -> dict[str, Any]:
-        """Collate items into ``{"query", "passages", "doc_ids"}`` (see the module docstring)."""
+        """Collate items into ``{"query", "passages", "doc_ids", "positive_ids"}`` (see the module docstring)."""
         import torch
 
         from embedtune.models.tokenization import tokenize_texts
@@ -123,4 +137,5 @@ class BiEncoderCollator:
             pad_to_multiple_of=self.pad_to_multiple_of,
         )
         doc_ids: torch.Tensor = torch.tensor([list(it.doc_ids) for it in items], dtype=torch.long)  # (B, n)
-        return {"query": query, "passages": passages, "doc_ids": doc_ids}
+        positive_ids = torch.tensor(positive_id_rows(items), dtype=torch.long)  # (B, P_max)
+        return {"query": query, "passages": passages, "doc_ids": doc_ids, "positive_ids": positive_ids}

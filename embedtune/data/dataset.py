@@ -54,6 +54,8 @@ class TrainItem:
         passage_instruction: Instruction for the passages; None means the model's default prefix.
         dataset: Which dataset (index into ``DataConfig.datasets``).
         example: Which example of that dataset.
+        positive_ids: Hashes (as in ``doc_ids``) of *all* the example's positives, so the loss never
+            scores one of them as a negative; empty means "only ``doc_ids[0]``".
     """
 
     query: str
@@ -63,6 +65,7 @@ class TrainItem:
     passage_instruction: str | None
     dataset: int
     example: int
+    positive_ids: tuple[int, ...] = ()
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -321,6 +324,7 @@ class TrainDataset:
             ),
             dataset=dataset,
             example=example,
+            positive_ids=tuple(text_hash(t) for t in data.corpus.texts(positives)),
         )
 
     def _joined(self, instruction: str | None) -> str | None:

@@ -292,9 +292,17 @@ class _DistillLoss(torch.nn.Module):
         *,
         n_passages: int,
         doc_ids: Tensor | None = None,
+        positive_ids: Tensor | None = None,
         offset: int = 0,
     ) -> Tensor:
-        loss = self.base(queries, passages, n_passages=n_passages, doc_ids=doc_ids, offset=offset)
+        loss = self.base(
+            queries,
+            passages,
+            n_passages=n_passages,
+            doc_ids=doc_ids,
+            positive_ids=positive_ids,
+            offset=offset,
+        )
         teacher, mask = self.recipe._teacher_mb  # type: ignore[attr-defined]
         b = queries.shape[0]
         # This micro-batch's own groups: rows [offset * n, (offset + b) * n) of the passages.

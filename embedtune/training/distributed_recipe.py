@@ -23,6 +23,7 @@ final model            consolidated to one plain folder on rank 0 (``save_consol
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import signal
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from embedtune.training import distributed as D
-from embedtune.training.recipe import BiEncoderRecipe, TrainResult, same_document_ids
+from embedtune.training.recipe import BiEncoderRecipe, TrainResult
 
 __all__ = ["DistributedBiEncoderRecipe", "RankLocalData", "train_distributed"]
 
@@ -82,14 +83,26 @@ class _CrossRankLoss(nn.Module):
         *,
         n_passages: int,
         doc_ids: Tensor | None = None,
+        positive_ids: Tensor | None = None,
         offset: int = 0,
     ) -> Tensor:
-        # doc_ids are (N, 2) raw keys here [hashed ID, text fingerprint] (see _negative_ids): component
-        # labels must be computed over *all* ranks' passages, or rank-local labels would collide.
+        # doc_ids are (N, 2) raw keys here [hashed ID, text fingerprint] (see _negative_ids): they are
+        # gathered from *all* ranks and the loss labels documents over the gathered keys, or rank-local
+        # labels would collide. positive_ids stay local: they belong to the local queries.
         keys = None if doc_ids is None else [doc_ids[:, 0], doc_ids[:, 1]]
         return D.cross_rank_loss(
-            self.loss_fn, queries, passages, n_passages=n_passages, doc_keys=keys, make_ids=same_document_ids
+            functools.partial(self.loss_fn, positive_ids=positive_ids),
+            queries,
+            passages,
+            n_passages=n_passages,
+            doc_keys=keys,
+            make_ids=_stack_keys,
         )
+
+
+def _stack_keys(*keys: Tensor) -> Tensor:
+    """Gathered (N,) key columns back into the loss's (N, K) keys."""
+    return torch.stack(keys, dim=1)
 
 
 class _SilentMonitor:

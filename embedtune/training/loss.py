@@ -11,7 +11,14 @@ Layout of the inputs (the collator's layout: positive first in each group)::
     passages  (N, d), N = B_total * n_passages
               rows [g * n_passages, (g + 1) * n_passages) belong to global query g; row g * n_passages
               is its positive, the rest are its hard negatives
-    doc_ids   (N,) int64             hashed document ID of every passage (optional)
+    doc_ids   (N,) or (N, K) int64   K keys per passage, e.g. [hashed document ID, text fingerprint]
+                                     (optional); two passages are the same document when any key matches
+    positive_ids (B, P_max) int64    the document-ID keys (comparable with ``doc_ids[:, 0]``) of *every*
+                                     positive of each local query, padded with -1 (optional)
+
+False-negative masking removes from query ``i``'s candidates every passage that is the same document as
+its target positive *or* as any other of its positives (its own target column stays), so a query's
+second positive sitting in another query's group is never scored as a negative.
 """
 
 from __future__ import annotations
@@ -28,7 +35,19 @@ from embedtune.errors import ConfigError
 # The loss: block lives with the other recipe blocks (torch-free, so recipes validate fast).
 from embedtune.training.config import LossConfig
 
-__all__ = ["InfoNCELoss", "LossConfig", "build_loss", "info_nce", "sequence_fingerprints"]
+__all__ = [
+    "PAD_KEY",
+    "InfoNCELoss",
+    "LossConfig",
+    "build_loss",
+    "false_negative_mask",
+    "info_nce",
+    "same_document_ids",
+    "sequence_fingerprints",
+]
+
+PAD_KEY = -1
+"""Padding of ``positive_ids`` rows (document keys are non-negative 63-bit hashes)."""
 
 
 def sequence_fingerprints(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -53,6 +72,102 @@ def sequence_fingerprints(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return (h.sum(dim=1) % prime) * 4096 + lengths % 4096
 
 
+def same_document_ids(*keys: Tensor) -> Tensor:
+    """Label passages so that equal labels mean "the same document" under *any* of the given keys.
+
+    Two passages are the same document when they share a document ID or a text fingerprint; the labels
+    are the connected components of that relation (the smallest member index), so masking can compare
+    one label per passage. ``O(N log N)`` time and ``O(N)`` memory: each key is grouped once by sorting
+    (``torch.unique``), then labels are propagated as per-group minima (``scatter_reduce``) with pointer
+    jumping until nothing changes (one or two rounds on real batches).
+
+    Args:
+        keys: one or more (N,) integer tensors on one device (e.g. hashed IDs, text fingerprints).
+
+    Returns:
+        (N,) int64 component labels: ``labels[i]`` is the smallest index of a passage that is the same
+        document as passage ``i``.
+    """
+    if not keys:
+        raise ValueError("same_document_ids needs at least one key")
+    n = keys[0].shape[0]
+    device = keys[0].device
+    if any(k.shape != (n,) for k in keys):
+        raise ValueError(
+            f"same_document_ids: every key must have shape ({n},), got {[tuple(k.shape) for k in keys]}"
+        )
+    labels = torch.arange(n, device=device)
+    if n == 0:
+        return labels
+    # groups[j][i] = which distinct value of key j passage i has (0 .. G_j - 1).
+    groups = [torch.unique(k, return_inverse=True)[1].reshape(-1) for k in keys]
+    while True:
+        new = labels
+        for inv in groups:
+            # Smallest label among the members of each group, handed back to every member.
+            group_min = torch.full((n,), n, dtype=torch.long, device=device)
+            group_min.scatter_reduce_(0, inv, new, reduce="amin", include_self=True)
+            new = torch.minimum(new, group_min[inv])
+        # Pointer jumping: a label is the index of a member of the same component with a smaller label,
+        # so following it once more shortens long chains (label propagation alone takes their length).
+        new = new[new]
+        if torch.equal(new, labels):
+            return labels
+        labels = new
+
+
+def _passage_keys(doc_ids: Tensor, n_total: int) -> Tensor:
+    """``doc_ids`` as (N, K) keys: (N, K) stays, (N,) or (B_total, n_passages) becomes (N, 1)."""
+    if doc_ids.dim() == 2 and doc_ids.shape[0] == n_total:
+        return doc_ids
+    if doc_ids.numel() != n_total:
+        raise ValueError(
+            f"doc_ids must have one key (or one row of keys) per passage: {n_total} passages, got shape "
+            f"{tuple(doc_ids.shape)}"
+        )
+    return doc_ids.reshape(n_total, 1)
+
+
+def false_negative_mask(doc_ids: Tensor, target_rows: Tensor, positive_ids: Tensor | None = None) -> Tensor:
+    """Which passages must not count as negatives of each query: the same document as one of its positives.
+
+    Passage ``c`` is masked for query ``i`` when it is the same document (:func:`same_document_ids` over
+    all key columns) as the query's target passage, or as a passage whose document-ID key (column 0) is one
+    of ``positive_ids[i]``. The target column itself is never masked.
+
+    Args:
+        doc_ids: (N, K) int64 keys per passage (column 0: document ID; others, e.g. a text fingerprint).
+        target_rows: (B,) row of each query's target positive in the passages.
+        positive_ids: (B, P_max) document-ID keys of every positive of each query, padded with
+            :data:`PAD_KEY` (-1), or None (only the target's document is masked).
+
+    Returns:
+        (B, N) bool, True = remove from the query's candidates.
+    """
+    n = doc_ids.shape[0]
+    b = target_rows.shape[0]
+    labels = same_document_ids(*doc_ids.unbind(dim=1))  # (N,)
+    rows = torch.arange(b, device=doc_ids.device)
+    # hit[i, l] = query i must not see component l; column n is a sink for padding and unknown keys.
+    hit = torch.zeros(b, n + 1, dtype=torch.bool, device=doc_ids.device)
+    hit[rows, labels[target_rows]] = True
+    if positive_ids is not None:
+        positive_ids = positive_ids.to(doc_ids.device)
+        if positive_ids.dim() != 2 or positive_ids.shape[0] != b:
+            raise ValueError(
+                f"positive_ids must be (queries, P_max) = ({b}, P), got shape {tuple(positive_ids.shape)}"
+            )
+        # Find each positive key among the passages' ID keys by binary search: O((N + B·P) log N).
+        sorted_keys, order = doc_ids[:, 0].sort()
+        at = torch.searchsorted(sorted_keys, positive_ids).clamp_(max=max(n - 1, 0))  # (B, P)
+        found = (sorted_keys[at] == positive_ids) & (positive_ids != PAD_KEY)
+        component = torch.where(found, labels[order[at]], n)  # (B, P); n = not in this batch
+        hit.scatter_(1, component, True)
+    mask = hit[:, labels]  # (B, N): the component of every passage, looked up per query
+    mask[rows, target_rows] = False  # the target stays a candidate
+    return mask
+
+
 def info_nce(
     queries: Tensor,
     passages: Tensor,
@@ -61,17 +176,19 @@ def info_nce(
     temperature: float = 0.02,
     in_batch_negatives: bool = True,
     doc_ids: Tensor | None = None,
+    positive_ids: Tensor | None = None,
     offset: int = 0,
 ) -> Tensor:
     """InfoNCE over positive + hard negatives (+ in-batch negatives) with false-negative masking.
 
-    For query ``i`` (global index ``g = offset + i``) with positive ``p_g``::
+    For query ``i`` (global index ``g = offset + i``) with target positive ``p_g``::
 
         loss_i = -s(q_i, p_g) / τ + log Σ_{c in candidates(i)} exp(s(q_i, c) / τ)
 
     where ``s`` is the dot product (cosine for L2-normalised inputs) and the candidates are the query's
-    own group (positive + hard negatives) or, with ``in_batch_negatives``, every passage; passages whose
-    ``doc_ids`` equal the positive's are removed from the candidates (the positive itself stays).
+    own group (positive + hard negatives) or, with ``in_batch_negatives``, every passage. With ``doc_ids``,
+    passages that are the same document as the target or as any of ``positive_ids[i]`` are removed from
+    the candidates (the target itself stays); see :func:`false_negative_mask`.
 
     Args:
         queries: (B, d) local query embeddings.
@@ -79,7 +196,10 @@ def info_nce(
         n_passages: passages per query (1 positive + hard negatives).
         temperature: τ; logits are scores / τ, i.e. ``scale = 1 / temperature``.
         in_batch_negatives: score each query against every passage, not just its own group.
-        doc_ids: (N,) or (B_total, n_passages) int64 passage IDs for false-negative masking, or None.
+        doc_ids: (N,), (B_total, n_passages) or (N, K) int64 passage keys for false-negative masking
+            (K keys per passage, column 0 the document ID), or None for no masking.
+        positive_ids: (B, P_max) document-ID keys of every positive of each *local* query, padded with
+            -1; used only with ``doc_ids``. None masks only the target's document.
         offset: global index of ``queries[0]`` among all queries whose passages are in ``passages``.
 
     Returns:
@@ -90,27 +210,24 @@ def info_nce(
     assert n_total % n_passages == 0, "passages must hold n_passages rows per query"
     global_q = torch.arange(offset, offset + b, device=queries.device)  # (B,)
     pos_rows = global_q * n_passages  # (B,) row of each query's positive in `passages`
+    mask = None
     if doc_ids is not None:
-        doc_ids = doc_ids.reshape(-1).to(queries.device)
-        assert doc_ids.shape[0] == n_total, "doc_ids must have one entry per passage"
+        keys = _passage_keys(doc_ids.to(queries.device), n_total)  # (N, K)
+        mask = false_negative_mask(keys, pos_rows, positive_ids)  # (B, N)
 
     if in_batch_negatives:
         scores = queries @ passages.T  # (B, N)
         labels = pos_rows
-        if doc_ids is not None:
-            same = doc_ids[None, :] == doc_ids[pos_rows][:, None]  # (B, N): same doc as own positive
-            same[torch.arange(b, device=queries.device), pos_rows] = False  # keep the positive itself
-            scores = scores.masked_fill(same, float("-inf"))
     else:
         # Only the query's own group: (B, n_passages, d) -> scores (B, n_passages), positive at 0.
         groups = passages.view(-1, n_passages, passages.shape[-1])[global_q]
         scores = torch.einsum("bd,bkd->bk", queries, groups)
         labels = torch.zeros(b, dtype=torch.long, device=queries.device)
-        if doc_ids is not None:
-            gid = doc_ids.view(-1, n_passages)[global_q]  # (B, n_passages)
-            same = gid == gid[:, :1]
-            same[:, 0] = False
-            scores = scores.masked_fill(same, float("-inf"))
+        if mask is not None:
+            own = pos_rows[:, None] + torch.arange(n_passages, device=queries.device)  # (B, n_passages)
+            mask = mask.gather(1, own)
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
     # Half-precision logits lose the margin between near-identical cosines at τ = 0.02: use fp32 at least.
     if scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()
@@ -121,8 +238,9 @@ class InfoNCELoss(nn.Module):
     """InfoNCE with hard negatives, in-batch negatives, ID masking and optional Matryoshka dimensions.
 
     ``forward`` takes embeddings (not models), so GradCache and cross-rank gathering can wrap it. Use it
-    for any query–passage retrieval data with one positive per query; hard negatives make it sharper,
-    in-batch negatives make it work with none.
+    for any query–passage retrieval data (one target positive per query and row); hard negatives make
+    it sharper, in-batch negatives make it work with none; ``positive_ids`` keeps a query's other positives out of
+    its negatives when it has several.
 
     Args:
         config: the ``loss:`` block.
@@ -142,6 +260,7 @@ class InfoNCELoss(nn.Module):
         *,
         n_passages: int,
         doc_ids: Tensor | None = None,
+        positive_ids: Tensor | None = None,
         offset: int = 0,
     ) -> Tensor:
         """Compute the loss; see :func:`info_nce` for the layout of the arguments."""
@@ -167,6 +286,7 @@ class InfoNCELoss(nn.Module):
                 temperature=cfg.temperature,
                 in_batch_negatives=cfg.in_batch_negatives,
                 doc_ids=ids,
+                positive_ids=positive_ids,
                 offset=offset,
             )
         return total / float(sum(weights))

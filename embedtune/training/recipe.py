@@ -37,11 +37,11 @@ from embedtune.errors import ConfigError, EmbedtuneError
 from embedtune.training.checkpoint import CheckpointManager, TrainState, capture_rng_state, restore_rng_state
 from embedtune.training.config import TrainConfig
 from embedtune.training.gradcache import GradCache
-from embedtune.training.loss import build_loss, sequence_fingerprints
+from embedtune.training.loss import build_loss, same_document_ids, sequence_fingerprints
 from embedtune.training.monitor import TrainingMonitor
 from embedtune.training.optim import build_optimizer, build_scheduler
 
-__all__ = ["BiEncoderRecipe", "NonFiniteError", "TrainResult", "train"]
+__all__ = ["BiEncoderRecipe", "NonFiniteError", "TrainResult", "same_document_ids", "train"]
 
 # Exit codes of a run stopped by a signal (128 + signal number, as shells report them).
 EXIT_SIGTERM = 143
@@ -319,6 +319,7 @@ class BiEncoderRecipe:
                 "query": {k: v[i : i + mb] for k, v in batch["query"].items()},
                 "passages": {k: v[i * n : (i + mb) * n] for k, v in batch["passages"].items()},
                 "doc_ids": batch["doc_ids"][i : i + mb],
+                "positive_ids": batch["positive_ids"][i : i + mb] if "positive_ids" in batch else None,
             }
 
     def _autocast(self) -> Any:
@@ -346,9 +347,16 @@ class BiEncoderRecipe:
         for mb in micro:
             n_passages = mb["passages"]["input_ids"].shape[0] // mb["query"]["input_ids"].shape[0]
             ids = self._negative_ids(mb)
+            pos_ids = mb.get("positive_ids") if ids is not None else None
 
-            def loss_of(q: Tensor, p: Tensor, n_passages: int = n_passages, ids: Tensor = ids) -> Tensor:
-                return self.loss_fn(q, p, n_passages=n_passages, doc_ids=ids, offset=0)
+            def loss_of(
+                q: Tensor,
+                p: Tensor,
+                n_passages: int = n_passages,
+                ids: Tensor = ids,
+                pos_ids: Tensor = pos_ids,
+            ) -> Tensor:
+                return self.loss_fn(q, p, n_passages=n_passages, doc_ids=ids, positive_ids=pos_ids, offset=0)
 
             if cfg.gradcache.enabled:
                 loss = GradCache(encode, cfg.gradcache.chunk_size)(
@@ -383,12 +391,13 @@ class BiEncoderRecipe:
         return total, float(grad_norm)
 
     def _negative_ids(self, mb: dict[str, Any]) -> Tensor | None:
-        """IDs for false-negative masking: same document ID *or* same token sequence counts as same."""
+        """(N, 2) keys for false-negative masking, [document ID, text fingerprint]: the loss counts two
+        passages as the same document when either matches (``loss.same_document_ids``)."""
         if not self.cfg.loss.mask_false_negatives:
             return None
         doc_ids = mb["doc_ids"].reshape(-1)
         fp = sequence_fingerprints(mb["passages"]["input_ids"], mb["passages"]["attention_mask"])
-        return same_document_ids(doc_ids, fp)
+        return torch.stack([doc_ids, fp], dim=1)
 
     def _validate(self) -> bool:
         """Run validation, save the best checkpoint; returns True when early stopping triggers."""
@@ -482,32 +491,6 @@ class BiEncoderRecipe:
             val = self.cfg.validation
             metrics = tuple(dict.fromkeys([val.metric, "recall@10"])) if val is not None else ()
             monitor.close(plot=self.cfg.logging.plot, metrics=metrics)
-
-
-def same_document_ids(*keys: Tensor) -> Tensor:
-    """Label passages so that equal labels mean "the same document" under *any* of the given keys.
-
-    Two passages are the same document when they share a document ID or a text fingerprint; the labels
-    are the connected components of that relation (smallest member index), so the loss can keep masking
-    by plain equality of one ID per passage.
-
-    Args:
-        keys: (N,) int64 tensors (e.g. hashed IDs, text fingerprints).
-
-    Returns:
-        (N,) int64 component labels.
-    """
-    n = keys[0].shape[0]
-    same = torch.zeros(n, n, dtype=torch.bool, device=keys[0].device)
-    for k in keys:
-        same |= k[:, None] == k[None, :]  # (N, N)
-    labels = torch.arange(n, device=same.device)
-    big = torch.full((n, n), n, dtype=torch.long, device=same.device)
-    while True:  # label propagation: at most N rounds, usually 1-2
-        new = torch.where(same, labels[None, :], big).min(dim=1).values
-        if torch.equal(new, labels):
-            return labels
-        labels = new
 
 
 def apply_lora(backbone: nn.Module, cfg: Any) -> nn.Module:
