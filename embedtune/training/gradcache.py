@@ -11,47 +11,90 @@ independent micro-batches without losing negatives. GradCache splits the work in
 
 Step 3 must reproduce step 1 exactly, dropout included, or the cached gradient belongs to a different
 forward pass; so the RNG state is captured before each chunk in step 1 and restored for its re-run in
-step 3. Every input tensor of a chunk (``pooling_mask`` included) goes through the same encoder call in
-both steps, which is why instruction tokens excluded from pooling stay excluded in the gradient.
+step 3 — on every device that draws random numbers: the CPU *and* the device the model runs on (the
+chunk's input tensors may still be on the CPU, so their devices say nothing). Every input tensor of a
+chunk (``pooling_mask`` included) goes through the same encoder call in both steps, which is why
+instruction tokens excluded from pooling stay excluded in the gradient.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import get_device_states, set_device_states
 
-__all__ = ["GradCache", "RandContext", "split_inputs"]
+__all__ = ["GradCache", "RandContext", "default_rng_devices", "split_inputs"]
 
 Inputs = Mapping[str, Tensor]
 
 
+def _normalize(device: torch.device | str) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``: RNG state belongs to one device, so name it."""
+    device = torch.device(device)
+    if device.type != "cpu" and device.index is None:
+        device = torch.device(device.type, torch.get_device_module(device.type).current_device())
+    return device
+
+
+def get_rng_state(device: torch.device) -> Tensor:
+    """The RNG state of one device (the CPU generator for ``cpu``)."""
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return torch.get_device_module(device.type).get_rng_state(device)
+
+
+def set_rng_state(device: torch.device, state: Tensor) -> None:
+    """Restore the RNG state of one device."""
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.get_device_module(device.type).set_rng_state(state, device)
+
+
+def default_rng_devices() -> list[torch.device]:
+    """The CPU and, when one is available, the current accelerator device (e.g. ``cuda:0``)."""
+    devices = [torch.device("cpu")]
+    if torch.accelerator.is_available():
+        acc = torch.accelerator.current_accelerator()
+        assert acc is not None
+        devices.append(torch.device(acc.type, torch.accelerator.current_device_index()))
+    return devices
+
+
 class RandContext(AbstractContextManager["RandContext"]):
-    """Capture the RNG state now; ``with ctx:`` replays it (and restores the outer state on exit).
+    """Capture RNG states now; ``with ctx:`` replays them (and restores the outer states on exit).
+
+    The CPU generator is always captured. Dropout on a GPU draws from *that GPU's* generator, so the
+    devices the model runs on must be named in ``devices``: the devices of ``tensors`` are added too, but
+    the inputs of an encoder are often still on the CPU (the collator's tensors), which is how a replay
+    silently draws new dropout masks.
 
     Args:
-        tensors: tensors whose devices' RNG states must be captured too (CUDA), besides the CPU's.
+        tensors: tensors whose devices' RNG states are captured too.
+        devices: devices whose RNG states are captured (e.g. the model's device).
     """
 
-    def __init__(self, *tensors: Tensor) -> None:
-        self.cpu_state = torch.get_rng_state()
-        self.devices, self.device_states = get_device_states(*tensors)
-        self._fork: AbstractContextManager[None] | None = None
+    def __init__(self, *tensors: Tensor, devices: Iterable[torch.device | str] = ()) -> None:
+        wanted = [torch.device("cpu"), *(t.device for t in tensors), *devices]
+        self.devices: list[torch.device] = list(
+            dict.fromkeys(_normalize(d) for d in wanted if torch.device(d).type != "meta")
+        )
+        self.states = [get_rng_state(d) for d in self.devices]
+        self._outer: list[Tensor] | None = None
 
     def __enter__(self) -> RandContext:
-        self._fork = torch.random.fork_rng(devices=self.devices, enabled=True)
-        self._fork.__enter__()
-        torch.set_rng_state(self.cpu_state)
-        set_device_states(self.devices, self.device_states)
+        self._outer = [get_rng_state(d) for d in self.devices]
+        for d, state in zip(self.devices, self.states):
+            set_rng_state(d, state)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._fork is not None
-        self._fork.__exit__(*exc)  # type: ignore[arg-type]
-        self._fork = None
+        assert self._outer is not None
+        for d, state in zip(self.devices, self._outer):
+            set_rng_state(d, state)
+        self._outer = None
 
 
 def split_inputs(inputs: Inputs, chunk_size: int) -> list[dict[str, Tensor]]:
@@ -67,13 +110,23 @@ class GradCache:
         encode: maps a dict of tokenised inputs (``input_ids``, ``attention_mask``, ``pooling_mask``) to
             (n, d) embeddings; autocast and the like are the caller's business.
         chunk_size: rows encoded per forward pass (bounds activation memory).
+        devices: the devices ``encode`` runs the model on, whose RNG (with the CPU's) is captured before
+            each chunk and replayed for its second forward; default :func:`default_rng_devices` (the CPU
+            and the current accelerator). Pass the model's device.
     """
 
-    def __init__(self, encode: Callable[[dict[str, Tensor]], Tensor], chunk_size: int) -> None:
+    def __init__(
+        self,
+        encode: Callable[[dict[str, Tensor]], Tensor],
+        chunk_size: int,
+        *,
+        devices: Iterable[torch.device | str] | None = None,
+    ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.encode = encode
         self.chunk_size = chunk_size
+        self.devices = list(devices) if devices is not None else default_rng_devices()
 
     def _encode_no_grad(self, inputs: Inputs) -> tuple[Tensor, list[dict[str, Tensor]], list[RandContext]]:
         chunks = split_inputs(inputs, self.chunk_size)
@@ -81,7 +134,7 @@ class GradCache:
         reps: list[Tensor] = []
         with torch.no_grad():
             for chunk in chunks:
-                states.append(RandContext(*chunk.values()))
+                states.append(RandContext(*chunk.values(), devices=self.devices))
                 reps.append(self.encode(chunk))
         return torch.cat(reps), chunks, states
 

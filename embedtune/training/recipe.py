@@ -359,7 +359,8 @@ class BiEncoderRecipe:
                 return self.loss_fn(q, p, n_passages=n_passages, doc_ids=ids, positive_ids=pos_ids, offset=0)
 
             if cfg.gradcache.enabled:
-                loss = GradCache(encode, cfg.gradcache.chunk_size)(
+                # The model's device draws the dropout masks that each chunk's replay must repeat.
+                loss = GradCache(encode, cfg.gradcache.chunk_size, devices=[self.device])(
                     mb["query"], mb["passages"], loss_of, scale
                 )
             else:
