@@ -38,13 +38,48 @@ KNOWN_CONVERTIBLE: frozenset[str] = frozenset(
 )
 
 
+NO_WINDOW = 1 << 30
+"""A sliding window no input reaches, for configs whose sliding layers must keep their layer type."""
+
+
+def _layer_type_rope(config: object) -> bool:
+    """True when RoPE differs per layer type (Gemma 3: local layers use another base than global ones).
+
+    Renaming such a model's ``sliding_attention`` layers to ``full_attention`` would change the
+    positions its local layers were trained with, so their type stays and only their window goes.
+    """
+    rope = getattr(config, "rope_parameters", None)
+    return isinstance(rope, dict) and isinstance(rope.get("sliding_attention"), dict)
+
+
+def _config_without_window(config: object) -> None:
+    config.is_causal = False  # type: ignore[attr-defined]
+    if hasattr(config, "use_sliding_window"):
+        config.use_sliding_window = False  # type: ignore[attr-defined]
+    layer_types = getattr(config, "layer_types", None)
+    sliding = bool(layer_types) and "sliding_attention" in layer_types
+    if sliding and _layer_type_rope(config):
+        # Keep the layer types (and their RoPE); the masks of the "sliding" layers become full.
+        config.sliding_window = NO_WINDOW  # type: ignore[attr-defined]
+        return
+    if getattr(config, "sliding_window", None) is not None:
+        config.sliding_window = None  # type: ignore[attr-defined]
+    if sliding:
+        config.layer_types = ["full_attention" if t == "sliding_attention" else t for t in layer_types]  # type: ignore[attr-defined]
+
+
 def make_bidirectional(model: nn.Module) -> nn.Module:
-    """Switch ``model`` (in place) to bidirectional attention and return it.
+    """Switch ``model`` (in place) to bidirectional attention, with no sliding window, and return it.
 
     Sets ``config.is_causal = False`` (read by transformers' mask builders) on the model's config and
     sub-configs, and ``is_causal = False`` on every attention module (read by the SDPA/flash kernels
-    when no mask is materialised). Mistral-family sliding windows are switched off: an encoder attends
-    to its whole input, and a two-sided 4096 window is never what a user meant.
+    when no mask is materialised). Sliding windows are switched off: an encoder attends to its whole
+    input, and a two-sided 4096 window is never what a user meant. Configs are not enough for that:
+    Qwen2/Qwen3/Gemma attention modules copy ``config.sliding_window`` at init and hand *their* copy to
+    the flash-attention kernel, and Qwen2-style models decide at init whether to build sliding masks
+    (``has_sliding_layers``); so the window is also removed from every module of this instance (no
+    class or function is patched). Models whose RoPE depends on the layer type (Gemma 3) keep their
+    layer types, with a window no input reaches (:data:`NO_WINDOW`) for the mask builders.
     """
     configs = [model.config] if hasattr(model, "config") else []
     for config in list(configs):
@@ -52,18 +87,35 @@ def make_bidirectional(model: nn.Module) -> nn.Module:
         if sub is not None and sub is not config:
             configs.append(sub)
     for config in configs:
-        config.is_causal = False
-        if getattr(config, "sliding_window", None) is not None:
-            config.sliding_window = None
-        if hasattr(config, "use_sliding_window"):
-            config.use_sliding_window = False
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types:
-            config.layer_types = ["full_attention" if t == "sliding_attention" else t for t in layer_types]
+        _config_without_window(config)
     for module in model.modules():
         if hasattr(module, "is_causal") and isinstance(module.is_causal, bool):
             module.is_causal = False
+        if isinstance(getattr(module, "sliding_window", None), int):
+            module.sliding_window = None  # what flash_attention_2 reads (attention modules)
+        if isinstance(getattr(module, "is_sliding", None), bool):
+            module.is_sliding = False
+        if isinstance(getattr(module, "has_sliding_layers", None), bool):
+            types = getattr(getattr(module, "config", None), "layer_types", None) or ()
+            module.has_sliding_layers = "sliding_attention" in types
     return model
+
+
+def attention_windows(model: nn.Module) -> dict[str, int | None]:
+    """The sliding window every attention module of ``model`` would hand to its kernel (None = full).
+
+    Modules that keep no copy read the config at each call (Mistral, Ministral 3): theirs is the
+    config's window. Used by tests and the GPU check to prove that no window is left anywhere.
+    """
+    out: dict[str, int | None] = {}
+    for name, module in model.named_modules():
+        if not (hasattr(module, "is_causal") and hasattr(module, "q_proj")):
+            continue  # not an attention module
+        if hasattr(module, "sliding_window"):
+            out[name] = module.sliding_window
+        else:
+            out[name] = getattr(getattr(module, "config", None), "sliding_window", None)
+    return out
 
 
 def _probe_ids(model: nn.Module, seq_len: int, seed: int) -> torch.Tensor:
