@@ -63,6 +63,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda")
 
 
+def check(args: argparse.Namespace) -> None:
+    """Paths, thresholds and outputs, before anything heavy is imported."""
+    from pathlib import Path
+
+    from embedtune.commands import _checks
+
+    _checks.existing_path(args.data, "TRAIN")
+    if args.eval_data:
+        _checks.existing_path(args.eval_data, "--eval")
+    if not 0 < args.near_threshold <= 1:
+        raise _checks.UsageError(
+            f"--near-threshold: a Jaccard similarity in (0, 1], got {args.near_threshold}"
+        )
+    if args.margin is not None and not 0 < args.margin <= 1:
+        raise _checks.UsageError(f"--margin: a share in (0, 1] such as 0.95, got {args.margin}")
+    _checks.check_positive(args.batch_size, "--batch-size")
+    _checks.check_positive(args.max_length, "--max-length")
+    for value, flag in ((args.output, "--output"), (args.per_query, "--per-query"), (args.fix, "--fix")):
+        if value:
+            _checks.check_output_file(value, flag)
+    if args.fix and Path(args.fix).resolve() == Path(args.data).resolve():
+        raise _checks.UsageError(
+            f"--fix {args.fix}: must not be the input TRAIN (the audit never edits its input)"
+        )
+    if args.model:
+        _checks.check_model(args.model)
+
+
 def run(args: argparse.Namespace) -> int:
     """Read, audit, print, write."""
     import sys

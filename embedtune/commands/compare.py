@@ -101,6 +101,21 @@ def verdict_line(row, alpha: float) -> str:
     )
 
 
+def check(args: argparse.Namespace) -> None:
+    """Paths and values, before anything heavy is imported."""
+    from embedtune.commands import _checks
+
+    _checks.existing_path(args.run_a, "RUN_A", kind="file")
+    _checks.existing_path(args.run_b, "RUN_B", kind="file")
+    if args.qrels:
+        _checks.existing_path(args.qrels, "--qrels")
+    if not 0 < args.alpha < 1:
+        raise _checks.UsageError(f"--alpha: must be in (0, 1) such as 0.05, got {args.alpha}")
+    _checks.check_positive(args.resamples, "--resamples")
+    if args.output:
+        _checks.check_output_file(args.output, "--output")
+
+
 def run(args: argparse.Namespace) -> int:
     """Load both runs, test every metric, print and optionally save the result."""
     import sys
