@@ -1,4 +1,4 @@
-"""Atomic, resumable training checkpoints.
+"""The single-process checkpoint manager being replaced by :class:`~embedtune.training.checkpoint.Checkpointer`.
 
 Layout of a checkpoint folder (one per saved step)::
 
@@ -25,19 +25,19 @@ import errno
 import io
 import json
 import os
-import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from embedtune.errors import EmbedtuneError
+from embedtune.training.checkpoint.checkpointer import TrainState
+from embedtune.training.checkpoint.folder import CheckpointError
+from embedtune.training.checkpoint.rng import capture_rng_state, restore_rng_state
 
 __all__ = [
     "Checkpoint",
@@ -52,32 +52,6 @@ _PREFIX = "step_"
 _TMP = ".tmp-"
 
 
-class CheckpointError(EmbedtuneError):
-    """A checkpoint could not be written or read."""
-
-
-@dataclass
-class TrainState:
-    """Where training stands; enough to continue as if never interrupted."""
-
-    step: int = 0
-    """Optimizer steps completed."""
-    epoch: int = 0
-    """Current epoch (0-based)."""
-    step_in_epoch: int = 0
-    """Optimizer steps completed within the current epoch (the data position)."""
-    examples_seen: int = 0
-    """Training examples consumed so far."""
-    elapsed_s: float = 0.0
-    """Training wall time so far (for time budgets across restarts)."""
-    best_metric: float | None = None
-    """Best validation metric so far (None before the first validation)."""
-    best_step: int | None = None
-    """Step at which ``best_metric`` was reached."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form JSON-serialisable values."""
-
-
 @dataclass
 class Checkpoint:
     """A loaded checkpoint."""
@@ -88,44 +62,6 @@ class Checkpoint:
     scheduler: dict[str, Any]
     rng: dict[str, Any]
     state: TrainState
-
-
-# --------------------------------------------------------------------------------------------------
-# RNG state
-# --------------------------------------------------------------------------------------------------
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy and torch (CPU and, when used, CUDA) RNG states as tensors."""
-    py_version, py_state, py_gauss = random.getstate()
-    _np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    assert py_gauss is None or isinstance(py_gauss, float)
-    out: dict[str, Any] = {
-        "python": torch.tensor(py_state, dtype=torch.int64),
-        "python_version": torch.tensor([py_version], dtype=torch.int64),
-        "numpy": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
-        "numpy_pos": torch.tensor([np_pos, np_has_gauss], dtype=torch.int64),
-        "numpy_gauss": torch.tensor([np_gauss], dtype=torch.float64),
-        "torch": torch.get_rng_state(),
-    }
-    if py_gauss is not None:
-        out["python_gauss"] = torch.tensor([py_gauss], dtype=torch.float64)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"cuda_{i}"] = s
-    return out
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    gauss = float(state["python_gauss"][0]) if "python_gauss" in state else None
-    random.setstate((int(state["python_version"][0]), tuple(int(x) for x in state["python"].tolist()), gauss))
-    pos, has_gauss = (int(x) for x in state["numpy_pos"].tolist())
-    np.random.set_state(
-        ("MT19937", state["numpy"].numpy().astype(np.uint32), pos, has_gauss, float(state["numpy_gauss"][0]))
-    )
-    torch.set_rng_state(state["torch"])
-    cuda = sorted(k for k in state if k.startswith("cuda_"))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([state[k] for k in cuda])
 
 
 # --------------------------------------------------------------------------------------------------
