@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from embedtune.training.checkpoint.fingerprint import Fingerprint
 from embedtune.training.checkpoint.folder import (
@@ -155,6 +156,15 @@ def _quiet_single_process() -> Iterator[None]:
         if not dist.is_initialized():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         yield
+
+
+def _first_failure(exc: BaseException) -> BaseException:
+    """The exception inside DCP's ``CheckpointException`` (of the lowest failing rank), else ``exc``."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(exc, CheckpointException) and failures:
+        inner = failures[min(failures)]
+        return inner[0] if isinstance(inner, tuple) else inner
+    return exc
 
 
 def _barrier() -> None:
@@ -421,7 +431,8 @@ class Checkpointer:
                     self.folder.set_pointer("best", final)
                 best = self.best()
                 self.folder.rotate(self.keep_last, {final} | ({best} if best else set()))
-        except OSError as exc:
+        except (OSError, CheckpointException) as exc:
+            cause = _first_failure(exc)
             if self.rank == 0:
                 shutil.rmtree(staging, ignore_errors=True)
             previous = self.latest()
@@ -430,11 +441,13 @@ class Checkpointer:
                 if previous
                 else "no earlier checkpoint exists"
             )
-            why = exc.strerror or str(exc)
+            why = (
+                cause.strerror if isinstance(cause, OSError) else None
+            ) or f"{type(cause).__name__}: {cause}"
             raise CheckpointError(
                 f"rank {self.rank}: could not save the checkpoint of step {state.step} in {self.root} ({why}); "
                 f"{kept}. Free space (or lower checkpoint.keep_last) and resume with checkpoint.resume=latest."
-            ) from exc
+            ) from cause
         _barrier()
         return self.root / step_name(state.step)
 
@@ -512,10 +525,11 @@ class Checkpointer:
                     planner=_safe_load_planner(),
                     no_dist=not dist.is_initialized(),
                 )
-        except Exception as exc:  # DCP wraps per-rank failures in CheckpointException
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            detail = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
-            raise CheckpointError(f"{p}: cannot restore it on rank {self.rank} ({detail[:300]})") from exc
+        except (Exception, CheckpointException) as exc:  # DCP wraps per-rank failures (a BaseException)
+            cause = _first_failure(exc)
+            raise CheckpointError(
+                f"{p}: cannot restore it on rank {self.rank} ({type(cause).__name__}: {str(cause)[:300]})"
+            ) from cause
         if optimizer is None:
             set_model_state_dict(model, sd["model"], options=_state_dict_options())
         else:

@@ -289,17 +289,27 @@ def test_rotation_keeps_the_newest_and_best_and_never_touches_other_folders(tmp_
         ck.resolve(str(legacy))
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+_FULL_DISK_AT = {
+    "rng": "embedtune.training.checkpoint.checkpointer.st_save_file",
+    "dcp": "torch.distributed.checkpoint.FileSystemWriter.write_data",
+    "marker": "embedtune.training.checkpoint.checkpointer.write_json_atomic",
+    "publish": "embedtune.training.checkpoint.folder.CheckpointFolder.publish",
+}
+
+
+@pytest.mark.parametrize("where", sorted(_FULL_DISK_AT))
+def test_a_full_disk_anywhere_in_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
     ck = Checkpointer(tmp_path)
     first = _save(ck, 1)
 
-    def full(path, data):
+    def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("embedtune.training.checkpoint.checkpointer.write_json_atomic", full)
-    with pytest.raises(CheckpointError, match=r"No space left.*step_00000001 is intact"):
+    monkeypatch.setattr(_FULL_DISK_AT[where], full)
+    with pytest.raises(CheckpointError, match=r"No space left.*step_00000001 is intact.*resume=latest"):
         _save(ck, 2)
     assert ck.list() == [first] and ck.resolve("latest") == first
+    assert (tmp_path / "latest").read_text() == first.name
     assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
 
 
