@@ -6,6 +6,8 @@ Routing by ``config.model_type``:
   :class:`~embedtune.models.llama.LlamaBidirectionalModel`;
 * ``ministral3`` / ``ministral3_bidirec``, and the language tower of a ``mistral3`` checkpoint →
   :class:`~embedtune.models.ministral3.Ministral3BidirectionalModel`;
+* FP8 checkpoints of those (``quantization_config.quant_method: fp8``, e.g. the original
+  ``Ministral-3-3B-Instruct-2512``) are dequantised on load (:mod:`embedtune.models.fp8`), as NeMo does;
 * any other model → ``transformers.AutoModel``; a probe tells causal decoders (mistral, qwen2, qwen3, …),
   which are converted generically with ``config.is_causal = False``, from encoders (bert, xlm-roberta,
   modernbert, …), which keep their own attention.
@@ -28,6 +30,7 @@ from embedtune.errors import BidirectionalityError, ConfigError, ModelLoadError
 from embedtune.models import zoo
 from embedtune.models.bidirectional import attends_to_future, make_bidirectional, verify_bidirectional
 from embedtune.models.biencoder import BiEncoder
+from embedtune.models.fp8 import BF16_HINT, fp8_quantization, load_dequantized
 from embedtune.models.llama import LlamaBidirectionalConfig, LlamaBidirectionalModel
 from embedtune.models.ministral3 import Ministral3BidirectionalConfig, Ministral3BidirectionalModel
 from embedtune.models.pooling import FROM_SENTENCE_TRANSFORMERS, canonical_pooling
@@ -313,6 +316,11 @@ class AutoBiEncoder:
                 config_dict = text.to_dict()
             else:
                 config_dict = config.to_dict()
+            fp8 = fp8_quantization(config)
+            if fp8 is not None:
+                # Dequantised below from the FP8 tensors and their scales; the plain model must not
+                # try to quantise itself again.
+                config_dict = {k: v for k, v in config_dict.items() if k != "quantization_config"}
             is_llama = model_type in LLAMA_TYPES
             if keep_causal:
                 from transformers import LlamaConfig, LlamaModel, Ministral3Config, Ministral3Model
@@ -330,6 +338,19 @@ class AutoBiEncoder:
                 cfg = cfg_cls(**_plain_kwargs(config_dict))
             if "attn_implementation" in load_kwargs:
                 cfg._attn_implementation = load_kwargs["attn_implementation"]
+            if fp8 is not None:
+                dtype = load_kwargs.get("dtype")
+                dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+                logger.warning(
+                    "%s: FP8 checkpoint (quantization_config.quant_method=%s): dequantising to %s on load, as "
+                    "NeMo AutoModel does; %s",
+                    path,
+                    fp8.get("quant_method"),
+                    dtype,
+                    BF16_HINT,
+                )
+                mapping = load_kwargs.get("key_mapping")
+                return load_dequantized(model_cls(cfg), path, mapping, dtype), not keep_causal
             model = model_cls.from_pretrained(path, config=cfg, **load_kwargs)
             return model, not keep_causal
 

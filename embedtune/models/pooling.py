@@ -8,6 +8,12 @@ only operations that export to ONNX (cumsum, argmax, gather).
 The semantics match sentence-transformers' ``Pooling`` module, so a saved model gives the same
 vectors there: ``weighted_mean`` weights a token by its 1-based position among the real tokens
 (SGPT), ``cls`` takes the first pooled token and ``last`` the last one.
+
+NeMo AutoModel's names: ``avg`` is ``mean``. NeMo's ``weighted_avg`` is *not* a weighted mean: it is the
+plain sum of the token vectors (``last_hidden.sum(dim=1)``), which after L2 normalisation — NeMo's
+default and ours — is exactly ``mean``. So ``weighted_avg`` reads as ``mean`` (same direction; the
+norm differs only when ``normalize`` is off, which the NeMo importer refuses for it), and the
+position-weighted mean has one name only, ``weighted_mean``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ _ALIASES = {
     "last_token": "last",
     "lasttoken": "last",
     "eos": "last",
-    "weighted_avg": "weighted_mean",
+    "weighted_avg": "mean",  # NeMo's weighted_avg is an unweighted sum: mean once L2-normalised
     "weightedmean": "weighted_mean",
     "position_weighted": "weighted_mean",
 }

@@ -14,6 +14,11 @@ Input formats
     * ``template="question:{query} \\n \\n passage:{passage}"`` (NeMo's form; suits decoders): one
       formatted text per pair. sentence-transformers has no such template; feed it the formatted text.
 
+NeMo AutoModel's cross-encoders (``llama_bidirec`` with ``LlamaBidirectionalForSequenceClassification``:
+pooled hidden states through a bias-free ``score`` head, divided by ``temperature``) load as
+:class:`embedtune.nemo.cross_encoder.LlamaBidirectionalForSequenceClassification` and score exactly as
+NeMo's forward does; their template defaults to :data:`NEMO_TEMPLATE`.
+
 Saved layout: a plain transformers sequence-classification folder (``config.json`` with
 ``num_labels: 1`` and, for converted decoders, ``is_causal: false``; weights; tokenizer) plus
 ``embedtune_reranker.json`` (template, max length). ``sentence_transformers.CrossEncoder(folder)``
@@ -125,6 +130,7 @@ class CrossEncoderReranker(nn.Module):
 
         from embedtune.models import zoo
         from embedtune.models.bidirectional import attends_to_future, make_bidirectional, verify_bidirectional
+        from embedtune.nemo.cross_encoder import is_nemo_cross_encoder  # registers NeMo's class
 
         name = str(name_or_path)
         path = zoo.resolve(name)
@@ -134,11 +140,16 @@ class CrossEncoderReranker(nn.Module):
             saved = json.loads(settings_file.read_text(encoding="utf-8"))
         with zoo.quiet_transformers():
             try:
-                config = AutoConfig.from_pretrained(path)
+                config = AutoConfig.from_pretrained(path, trust_remote_code=False)
             except (OSError, ValueError) as exc:
                 raise ModelLoadError(
                     f"{name}: cannot read a model config ({exc}) — is this a model folder?"
                 ) from exc
+            nemo = is_nemo_cross_encoder(config)
+            if getattr(config, "model_type", None) == "llama_bidirec" and not nemo:
+                # A NeMo bi-encoder as the start of a reranker: its contrastive temperature (0.02) is
+                # not a score scale; NeMo's cross-encoder recipe sets temperature 1.0 too.
+                config.temperature = 1.0
             config.num_labels = 1
             tokenizer = AutoTokenizer.from_pretrained(path)
             if tokenizer.pad_token is None:
@@ -149,7 +160,9 @@ class CrossEncoderReranker(nn.Module):
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, config=config, dtype=dtype or torch.float32
             )
-        converted = bool(saved.get("bidirectional", False))
+        converted = (
+            bool(saved.get("bidirectional", False)) or getattr(config, "model_type", None) == "llama_bidirec"
+        )
         base = model.base_model
         if converted and bidirectional is not False:
             make_bidirectional(model)
@@ -163,7 +176,10 @@ class CrossEncoderReranker(nn.Module):
             model.config.use_cache = False
         default_len = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
         settings = RerankerSettings(
-            template=template if template is not None else saved.get("template"),
+            # NeMo's checkpoints carry no template; its recipes and collator default to NEMO_TEMPLATE.
+            template=template
+            if template is not None
+            else saved.get("template", NEMO_TEMPLATE if nemo else None),
             max_length=max_length or saved.get("max_length") or default_len,
             bidirectional=converted,
             source=saved.get("source")
@@ -292,7 +308,16 @@ class CrossEncoderReranker(nn.Module):
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(str(folder))
-        config = stock_config_dict(self.backbone.config)
+        from embedtune.nemo.cross_encoder import LlamaBidirectionalForSequenceClassification
+
+        if isinstance(self.backbone, LlamaBidirectionalForSequenceClassification):
+            # NeMo's layout, kept as is: stock transformers has no avg-pooled, temperature-scaled head, so
+            # rewriting it as a stock Llama would make every other loader score it differently.
+            config = self.backbone.config.to_dict()
+            config["architectures"] = ["LlamaBidirectionalForSequenceClassification"]
+            config.pop("auto_map", None)  # points at NeMo's Python files, which this folder does not hold
+        else:
+            config = stock_config_dict(self.backbone.config)
         # A converted decoder must load bidirectional anywhere: transformers reads is_causal from config.
         if self.settings.bidirectional:
             config["is_causal"] = False

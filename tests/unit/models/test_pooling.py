@@ -69,6 +69,21 @@ def test_last_is_the_last_real_token_not_position_minus_one() -> None:
 
 def test_aliases_and_unknown_name() -> None:
     assert canonical_pooling("avg") == "mean"
-    assert canonical_pooling("weighted_avg") == "weighted_mean"
+    assert canonical_pooling("weighted_avg") == "mean"  # NeMo's name for an unweighted sum
     with pytest.raises(ConfigError, match=r"unknown method 'maxx'.*mean, cls, last, weighted_mean"):
         canonical_pooling("maxx")
+
+
+def test_nemos_weighted_avg_is_mean_after_normalisation() -> None:
+    """NeMo's ``weighted_avg`` is ``last_hidden.masked_fill(~mask, 0).sum(1)``: after L2 it equals mean."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 6, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]])
+    nemo_sum = h.masked_fill(~mask[..., None].bool(), 0.0).sum(dim=1)
+    ours = pool(h, mask, "weighted_avg")
+    torch.testing.assert_close(
+        torch.nn.functional.normalize(ours, dim=-1), torch.nn.functional.normalize(nemo_sum, dim=-1)
+    )
+    # ...and not the position-weighted mean, which points elsewhere.
+    weighted = torch.nn.functional.normalize(pool(h, mask, "weighted_mean"), dim=-1)
+    assert not torch.allclose(weighted, torch.nn.functional.normalize(nemo_sum, dim=-1), atol=1e-3)
