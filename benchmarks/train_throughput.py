@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 DATA = REPO / "data" / "scifact-mini" / "train.json"
 TEMPERATURE = 0.05
 LR = 2e-5
@@ -43,6 +44,24 @@ def _examples(n: int) -> list[tuple[str, str, str]]:
     ds = TrainDataset.from_config(DataConfig(datasets=[{"path": str(DATA)}], n_passages=2), seed=0)
     items = [ds[i] for i in range(n)]
     return [(it.query, it.passages[0], it.passages[1]) for it in items]
+
+
+def train_flops_per_text(n_linear: int, n_layers: int, hidden: int, length: int) -> float:
+    """Useful FLOPs to train on one text of ``length`` real tokens: forward + backward = 3x forward.
+
+    Forward: 2 FLOPs per weight of the linear layers per token, plus attention's two (L x L x hidden)
+    products per layer (4 L^2 h). Padding and GradCache's second forward are not useful work.
+    """
+    return 3.0 * (2.0 * n_linear * length + 4.0 * n_layers * length * length * hidden)
+
+
+def _linear_params(module: object) -> tuple[int, int, int]:
+    """(weights in nn.Linear layers, layers, hidden size) of a transformers encoder."""
+    from torch import nn
+
+    n = sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))  # type: ignore[attr-defined]
+    cfg = module.config  # type: ignore[attr-defined]
+    return n, int(cfg.num_hidden_layers), int(cfg.hidden_size)
 
 
 def _peak_rss_mb() -> float:
@@ -76,9 +95,13 @@ def worker(args: argparse.Namespace) -> dict:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=LR)
 
+        shape = _linear_params(model[0].auto_model)
+
         def step(batch: list[tuple[str, str, str]]) -> float:
             cols = list(zip(*batch))
             features = [model.tokenize(list(c)) for c in cols]
+            for f in features:
+                lengths.extend(f["attention_mask"].sum(1).tolist())
             opt.zero_grad(set_to_none=True)
             with autocast:
                 loss = loss_fn(features, None)
@@ -117,15 +140,22 @@ def worker(args: argparse.Namespace) -> dict:
         from embedtune.data.corpus import text_hash
         from embedtune.data.dataset import TrainItem
 
+        shape = _linear_params(recipe.model.base_model)
+
         def step(batch: list[tuple[str, str, str]]) -> float:
             items = [
                 TrainItem(q, (p, n), (text_hash(p), text_hash(n)), None, None, 0, i)
                 for i, (q, p, n) in enumerate(batch)
             ]
-            loss, _ = recipe._train_step(recipe.data.collator(items))
+            collated = recipe.data.collator(items)
+            for key in ("query", "passages"):
+                lengths.extend(collated[key]["attention_mask"].sum(1).tolist())
+            loss, _ = recipe._train_step(collated)
             return loss
 
+    lengths: list[int] = []
     step(batches[0])  # warm-up (allocator, lazy inits) is not timed
+    lengths.clear()
     t0, c0 = time.perf_counter(), time.process_time()
     losses_ = [step(b) for b in batches[1:]]
     elapsed = time.perf_counter() - t0
@@ -138,6 +168,7 @@ def worker(args: argparse.Namespace) -> dict:
         # shared machine (with 1 thread; with more, idle threads spinning are counted too).
         "cpu_s_per_step": cpu / args.steps,
         "peak_rss_mb": _peak_rss_mb(),
+        "flops_per_step": sum(train_flops_per_text(*shape, n) for n in lengths) / args.steps,
         "first_loss": losses_[0],
     }
 
@@ -154,6 +185,7 @@ def main() -> int:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides")
     ap.add_argument("--repeats", type=int, default=2, help="runs per configuration (interleaved; best kept)")
     ap.add_argument("--only", nargs="*", default=["st", "et", "st-gc", "et-gc"], help="configurations to run")
+    ap.add_argument("--force", action="store_true", help="time bf16 even where the CPU emulates it")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default="/tmp/embedtune-bench", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -161,6 +193,21 @@ def main() -> int:
         print(json.dumps(worker(args)))
         return 0
 
+    from _machine import recorded
+
+    with recorded(
+        "train_throughput", argv=sys.argv[1:], threads=args.threads, suffix="_bf16" if args.bf16 else ""
+    ) as machine:
+        peak = machine.peak_bf16_gflops if args.bf16 else machine.peak_fp32_gflops
+        if args.bf16 and not machine.native_bf16 and not args.force:
+            print("this CPU has no bf16 instructions (bf16 is emulated, ~100x slower): bf16 rows skipped")
+            print("(pass --force to time them anyway)")
+            return 0
+        return _compare(args, peak or float("nan"))
+
+
+def _compare(args: argparse.Namespace, peak_gflops: float) -> int:
+    """Run the configurations interleaved and print the table."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     results: dict[str, dict] = {}
     # Alternate the configurations and keep each one's best repeat: on a shared machine the load
@@ -207,17 +254,22 @@ def main() -> int:
     )
     print(
         f"{'config':8} {'examples/s':>11} {'s/step':>8} {'CPU s/step':>11} {'peak RSS MB':>12} "
-        f"{'speed vs ST':>12} {'CPU vs ST':>10} {'RSS vs ST':>10}"
+        f"{'speed vs ST':>12} {'CPU vs ST':>10} {'RSS vs ST':>10} {'MFU':>6}"
     )
     for name, r in results.items():
         base = results.get("st-gc" if name.endswith("-gc") else "st")
         speed = f"{r['examples_per_s'] / base['examples_per_s']:.2f}x" if base else "-"
         cpu = f"{r['cpu_s_per_step'] / base['cpu_s_per_step']:.2f}x" if base else "-"
         rss = f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
+        mfu = r["flops_per_step"] / r["s_per_step"] / (peak_gflops * 1e9)
         print(
             f"{name:8} {r['examples_per_s']:11.2f} {r['s_per_step']:8.2f} {r['cpu_s_per_step']:11.2f} "
-            f"{r['peak_rss_mb']:12.0f} {speed:>12} {cpu:>10} {rss:>10}"
+            f"{r['peak_rss_mb']:12.0f} {speed:>12} {cpu:>10} {rss:>10} {mfu:6.1%}"
         )
+    print(
+        f"MFU: useful training FLOPs (6 x linear weights x real tokens + attention) per second over the "
+        f"measured {'bf16' if args.bf16 else 'fp32'} matmul peak ({peak_gflops:.1f} GFLOP/s)"
+    )
     return 0
 
 

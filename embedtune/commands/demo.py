@@ -3,24 +3,50 @@
 By default: SmolLM2-135M-Instruct converted to a bidirectional encoder, LoRA, trained on
 ``data/scifact-mini`` (SciFact subset) and evaluated on its held-out test split before and after
 (NDCG@10, Recall@10); the merged model is saved. ``--recipe minilm_demo`` does the same for MiniLM.
+
+The job promises 10 minutes, and the machines it runs on differ by 2x and more (AMX, AVX-512 BF16, or
+AVX2 only, where bf16 is emulated and ~100x slower than fp32). So before training it *measures* this
+machine — the model's encoding speed in fp32, and in bf16 where the CPU has bf16 instructions — and
+plans the run: the faster precision; a held-out evaluation sized so that the two evaluations (before
+and after, on the same documents) take at most a third of the budget; the rest for training. The plan
+is printed with its reasons, and what was really spent is printed at the end. ``--no-plan`` runs the
+recipe as written. Settings given on the command line are never re-planned.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HELP = "the main job: fine-tune the bundled SmolLM2-135M (LoRA) on bundled data, evaluate before/after"
 
+# The file that says "embedtune demo made this folder": only such a folder's checkpoints are ever deleted.
+MARKER = ".embedtune-demo"
+BUDGET_S = 600.0  # the promise: the whole job in 10 minutes
+EVAL_SHARE = 1 / 3  # the before + after evaluations take at most this share of what is left
+MIN_EVAL_LENGTH = 128  # documents are never cut shorter than this for evaluation
+MIN_DISTRACTORS = 200  # a smaller corpus keeps every relevant document plus at least this many others
+TRAIN_COST = 3.0  # a training step costs about 3 forward passes of its tokens (forward + backward)
+RESERVE_S = 30.0  # loading the model for training, merging LoRA and saving at the end
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments: ``--recipe`` and overrides."""
+    """Arguments: ``--recipe``, ``--no-plan`` and overrides."""
     parser.add_argument(
         "--recipe",
         default="smollm2_135m_demo",
         help="a shipped recipe name or YAML file (default: smollm2_135m_demo; also: minilm_demo)",
+    )
+    parser.add_argument(
+        "--no-plan",
+        action="store_true",
+        help="run the recipe as written: no measuring, no re-planned precision or evaluation set",
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="overrides, as for `embedtune train`"
@@ -36,8 +62,315 @@ def _bundled_path(path: str) -> str:
     return str(root / p) if (root / p).exists() else path
 
 
+# ------------------------------------------------------------------------------------------ planning
+@dataclass(frozen=True)
+class Measured:
+    """What the demo timed on this machine before planning.
+
+    Attributes:
+        tokens_per_s: encoding speed (tokens/s, forward pass without gradients) per precision timed,
+            ``"fp32"`` and, where the CPU has bf16 instructions, ``"bf16"``.
+        elapsed_s: seconds already spent (configuration, model load, measuring).
+        notes: what was measured, or why a precision was not timed.
+    """
+
+    tokens_per_s: dict[str, float]
+    elapsed_s: float
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvalShape:
+    """The held-out set's size in tokens, as the tokenizer counts them (before truncation)."""
+
+    query_tokens: int  # all queries together
+    doc_tokens: tuple[int, ...]  # one entry per document
+    n_relevant: int  # documents judged relevant for some query (always kept)
+    n_queries: int
+
+
+@dataclass
+class Plan:
+    """The planned run: precision, evaluation set, training budget, and why."""
+
+    precision: str
+    eval_max_length: int
+    eval_docs: int  # documents searched (all, or relevant + distractors)
+    all_docs: int  # documents in the held-out corpus
+    eval_s: float  # predicted seconds for one evaluation
+    train_s: float  # seconds left for training steps
+    step_s: float  # predicted seconds per training step
+    steps: int  # predicted training steps (capped by the recipe's max_steps)
+    time_budget_s: float  # what the training loop may spend (its evaluations included)
+    reasons: list[str] = field(default_factory=list)
+
+
+def _eval_tokens(shape: EvalShape, max_length: int, n_docs: int) -> float:
+    """Tokens of one evaluation: all queries + ``n_docs`` documents truncated to ``max_length``."""
+    cut = [min(n, max_length) for n in shape.doc_tokens]
+    mean = sum(cut) / max(len(cut), 1)
+    return shape.query_tokens + (sum(cut) if n_docs >= len(cut) else mean * n_docs)
+
+
+def plan_demo(
+    measured: Measured,
+    shape: EvalShape,
+    *,
+    max_length: int,
+    train_tokens_per_step: float,
+    max_steps: int,
+    budget_s: float = BUDGET_S,
+) -> Plan:
+    """Plan the demo from measurements: precision, evaluation set, training time. Pure: no clock, no I/O.
+
+    Args:
+        measured: encoding speed per precision and the time already spent.
+        shape: the held-out set's token counts.
+        max_length: the recipe's document length for evaluation.
+        train_tokens_per_step: tokens one training step processes (queries + passages, padded).
+        max_steps: the recipe's step limit.
+        budget_s: the whole job's wall-time promise.
+
+    Returns:
+        The plan; its ``reasons`` say why each choice was made.
+    """
+    precision = max(measured.tokens_per_s, key=lambda p: measured.tokens_per_s[p])
+    tps = measured.tokens_per_s[precision]
+    reasons = []
+    if len(measured.tokens_per_s) > 1:
+        other = min(measured.tokens_per_s, key=lambda p: measured.tokens_per_s[p])
+        reasons.append(
+            f"precision {precision}: {tps / measured.tokens_per_s[other]:.2f}x the speed of {other}, measured"
+        )
+    else:
+        reasons.append(f"precision {precision}: the only one worth timing here")
+    left = budget_s - measured.elapsed_s - RESERVE_S
+    per_eval = EVAL_SHARE * left / 2
+
+    n_all = len(shape.doc_tokens)
+    length, n_docs = max_length, n_all
+    while _eval_tokens(shape, length, n_docs) / tps > per_eval and length > MIN_EVAL_LENGTH:
+        length = max(MIN_EVAL_LENGTH, length - 32)
+    if length < max_length:
+        reasons.append(
+            f"evaluation documents cut to {length} tokens (recipe: {max_length}) so that the before and "
+            f"after evaluations fit {EVAL_SHARE:.0%} of the time left"
+        )
+    if _eval_tokens(shape, length, n_docs) / tps > per_eval:
+        mean = _eval_tokens(shape, length, n_all) - shape.query_tokens
+        fit = int((per_eval * tps - shape.query_tokens) / (mean / n_all))
+        n_docs = max(shape.n_relevant + MIN_DISTRACTORS, min(n_all, fit))
+        reasons.append(
+            f"evaluation corpus: {n_docs} of {n_all} documents — every relevant one ({shape.n_relevant}) plus "
+            f"{n_docs - shape.n_relevant} fixed random others, the same set before and after (scores on a "
+            "smaller corpus are higher than on the full one; the gain is what compares)"
+        )
+    if length == max_length and n_docs == n_all:
+        reasons.append(f"evaluation: the full held-out set at {length} tokens fits the budget")
+    eval_s = _eval_tokens(shape, length, n_docs) / tps
+    train_s = max(0.0, left - 2 * eval_s)
+    step_s = TRAIN_COST * train_tokens_per_step / tps
+    steps = min(max_steps, int(train_s // step_s))
+    reasons.append(
+        f"training: {train_s:.0f} s left after set-up and both evaluations, ~{step_s:.1f} s per step "
+        f"predicted ({TRAIN_COST:g}x a forward pass) -> ~{steps} steps (recipe: up to {max_steps})"
+    )
+    return Plan(
+        precision=precision,
+        eval_max_length=length,
+        eval_docs=n_docs,
+        all_docs=n_all,
+        eval_s=eval_s,
+        train_s=train_s,
+        step_s=step_s,
+        steps=steps,
+        time_budget_s=left,
+        reasons=reasons,
+    )
+
+
+def _overridden(overrides: list[str], key: str) -> bool:
+    return any(o.split("=", 1)[0].strip() == key for o in overrides)
+
+
+def apply_plan(cfg: Any, plan: Plan, overrides: list[str]) -> None:
+    """Write the plan into the training config, leaving alone every key set on the command line."""
+
+    def put(obj: Any, attr: str, key: str, value: Any) -> None:
+        if not _overridden(overrides, key):
+            setattr(obj, attr, value)
+
+    bf16 = plan.precision == "bf16"
+    put(cfg, "bf16", "bf16", bf16)
+    if not bf16 and str(cfg.model.dtype) in ("bfloat16", "torch.bfloat16"):
+        put(cfg.model, "dtype", "model.dtype", "float32")  # bf16 weights run bf16 matmuls
+    put(cfg.model, "max_length", "model.max_length", plan.eval_max_length)
+    sched = cfg.step_scheduler
+    put(sched, "max_time_minutes", "step_scheduler.max_time_minutes", plan.time_budget_s / 60)
+    if cfg.validation is not None:
+        v = cfg.validation
+        put(v, "bf16", "validation.bf16", bf16)
+        if plan.eval_docs < plan.all_docs and v.max_corpus is None:
+            put(v, "max_corpus", "validation.max_corpus", plan.eval_docs)
+    # A linear schedule decays over max_steps: match it to the steps that fit (+15 %, the time
+    # budget still stops the loop), so the learning rate is not cut off mid-decay.
+    if plan.steps and sched.max_steps and plan.steps < sched.max_steps:
+        put(sched, "max_steps", "step_scheduler.max_steps", max(1, math.ceil(plan.steps * 1.15)))
+
+
+# ---------------------------------------------------------------------------------------- measuring
+def _eval_shape(cfg: Any, tokenizer: Any) -> tuple[EvalShape, list[str]]:
+    """Token counts of the held-out set (and a few of its documents for timing)."""
+    from embedtune.eval.datasets import load_eval_set
+
+    v = cfg.validation
+    es = load_eval_set(v.data, v.split).subset(v.max_queries, v.max_corpus, v.seed)
+    docs = es.corpus.texts(list(range(len(es.corpus))))
+    prefix_q, prefix_p = cfg.model.query_prefix or "", cfg.model.passage_prefix or ""
+    doc_tokens = [len(x) for x in tokenizer([prefix_p + d for d in docs])["input_ids"]]
+    q_tokens = sum(len(x) for x in tokenizer([prefix_q + q for q in es.queries.values()])["input_ids"])
+    relevant = {d for rel in es.qrels.values() for d, r in rel.items() if r >= 1}
+    n_relevant = min(len(relevant), len(docs))
+    shape = EvalShape(q_tokens, tuple(doc_tokens), n_relevant, len(es.queries))
+    longest = sorted(range(len(docs)), key=lambda i: -doc_tokens[i])
+    return shape, [docs[i] for i in longest[:4]]
+
+
+def _measure(cfg: Any, t_start: float) -> tuple[Measured, EvalShape, float]:
+    """Load the model once, time its encoding in each precision worth timing; (measured, shape, step tokens)."""
+    import gc
+
+    import torch
+
+    from embedtune.machine import machine_info, measure_matmul_gflops
+    from embedtune.models import AutoBiEncoder
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    m = cfg.model
+    enc = AutoBiEncoder.from_pretrained(
+        m.name_or_path,
+        pooling=m.pooling,
+        normalize=m.normalize,
+        query_prefix=m.query_prefix,
+        passage_prefix=m.passage_prefix,
+        pool_instruction=m.pool_instruction,
+        max_length=m.max_length,
+        padding_side=m.padding_side,
+        dtype="float32",
+        attn_implementation=m.attn_implementation,
+        bidirectional=m.bidirectional,
+        device="cpu",
+        verify=False,  # the training run verifies the model it loads
+    )
+    shape, sample = _eval_shape(cfg, enc.tokenizer)
+    length = m.max_length or 512
+    feats = enc.tokenize(sample, "document", max_length=length)
+    n_tokens = int(feats["attention_mask"].sum())
+    info = machine_info(measure=False)
+    precisions = ["fp32"] + (["bf16"] if info.native_bf16 else [])
+    tps: dict[str, float] = {}
+    notes = []
+    with torch.inference_mode():
+        enc(**enc.tokenize(sample[:1], "document", max_length=16))  # warm-up: first-call allocations
+        for p in precisions:
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=p == "bf16")
+            with ctx:
+                best = float("inf")
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    enc(**feats)
+                    best = min(best, time.perf_counter() - t0)
+            tps[p] = n_tokens / best
+            notes.append(
+                f"{p} encoding: {tps[p]:,.0f} tokens/s ({len(sample)} held-out documents, {n_tokens} tokens)"
+            )
+    if not info.native_bf16:
+        fp32 = measure_matmul_gflops("float32", budget_s=0.3)
+        bf16 = measure_matmul_gflops("bfloat16", budget_s=0.3)
+        notes.append(
+            f"bf16 not timed: this CPU has no bf16 instructions (neither AMX nor avx512_bf16), bf16 is "
+            f"emulated — matmul fp32 {fp32:.0f} vs bf16 {bf16:.1f} GFLOP/s"
+        )
+    # Tokens in one training step: the global batch's queries and passages at their padded lengths.
+    d = cfg.data
+    q_mean = shape.query_tokens / max(shape.n_queries, 1)
+    p_mean = sum(min(n, d.p_max_len) for n in shape.doc_tokens) / max(len(shape.doc_tokens), 1)
+    step_tokens = cfg.step_scheduler.global_batch_size * (
+        min(d.q_max_len, q_mean * 1.5) + d.n_passages * max(p_mean, min(d.p_max_len, p_mean * 1.2))
+    )
+    del enc, feats
+    gc.collect()
+    return Measured(tps, time.perf_counter() - t_start, tuple(notes)), shape, step_tokens
+
+
+# ---------------------------------------------------------------------------------- output folder
+def prepare_output(cfg: Any) -> None:
+    """Make the output folder (marked as the demo's), or clear a previous *demo* run's checkpoints.
+
+    Raises:
+        EmbedtuneError: the checkpoint folder holds checkpoints that no demo run made (no marker, or a
+            ``checkpoint.dir`` outside the demo's output folder): nothing is deleted.
+    """
+    from embedtune.errors import EmbedtuneError
+
+    out = Path(cfg.output_dir)
+    ckpt = cfg.checkpoint_dir
+    if cfg.checkpoint.resume is None and ckpt.is_dir() and any(ckpt.iterdir()):
+        ours = (out / MARKER).is_file() and ckpt.resolve().is_relative_to(out.resolve())
+        if not ours:
+            raise EmbedtuneError(
+                f"{ckpt} holds checkpoints that `embedtune demo` did not create (no {MARKER} file in "
+                f"{out}); nothing was deleted. Pick a new folder with output_dir=..., resume with "
+                "checkpoint.resume=latest, or remove the folder yourself"
+            )
+        print(f"removing the previous demo run's checkpoints in {ckpt}", flush=True)
+        shutil.rmtree(ckpt)
+    if not out.exists():
+        out.mkdir(parents=True)
+        (out / MARKER).write_text(
+            json.dumps(
+                {"created_by": "embedtune demo", "note": "this folder may be cleared by the next demo"}
+            )
+            + "\n",
+            encoding="utf-8",
+        )
+
+
+# ---------------------------------------------------------------------------------------------- run
+def _print_plan(plan: Plan, measured: Measured, shape: EvalShape) -> None:
+    from embedtune.machine import machine_info
+
+    print(machine_info(measure=False).describe(), flush=True)
+    print("measured:")
+    for note in measured.notes:
+        print(f"  {note}")
+    print("plan (10-minute budget):")
+    rows = [
+        ("precision", plan.precision),
+        (
+            "evaluation",
+            f"{shape.n_queries} queries x {plan.eval_docs} documents at {plan.eval_max_length} tokens, "
+            f"~{plan.eval_s:.0f} s each (before and after)",
+        ),
+        ("training", f"~{plan.steps} steps in ~{plan.train_s:.0f} s (~{plan.step_s:.1f} s/step)"),
+        (
+            "budget",
+            f"{measured.elapsed_s:.0f} s set-up + 2 x {plan.eval_s:.0f} s evaluation + {plan.train_s:.0f} s "
+            f"training + {RESERVE_S:.0f} s load/save = {measured.elapsed_s + 2 * plan.eval_s + plan.train_s + RESERVE_S:.0f} s",
+        ),
+    ]
+    for name, value in rows:
+        print(f"  {name:<11} {value}")
+    print("why:")
+    for reason in plan.reasons:
+        print(f"  - {reason}")
+    print(flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Train the demo recipe and print the before/after table; returns the training exit code."""
+    """Measure, plan, train the demo recipe and print the before/after table; returns the exit code."""
+    t0 = time.perf_counter()
     from embedtune.training.config import load_train_config
 
     cfg = load_train_config(args.recipe, args.overrides)
@@ -46,21 +379,28 @@ def run(args: argparse.Namespace) -> int:
     if cfg.validation is not None:
         cfg.validation.data = _bundled_path(cfg.validation.data)
         cfg.validation.eval_at_start = True  # the "before" number
+    prepare_output(cfg)
 
-    ckpt_dir = cfg.checkpoint_dir
-    if cfg.checkpoint.resume is None and ckpt_dir.is_dir():
-        # A demo run is throwaway: start it afresh instead of refusing like `embedtune train` does.
-        print(f"removing the previous demo run's checkpoints in {ckpt_dir}", flush=True)
-        shutil.rmtree(ckpt_dir)
-
-    from embedtune.training.monitor import read_metrics
-    from embedtune.training.recipe import train
-
-    t0 = time.perf_counter()
     print(
         f"embedtune demo: {cfg.model.name_or_path} on {', '.join(d.path for d in cfg.data.datasets)}",
         flush=True,
     )
+    plan = None
+    if not args.no_plan and cfg.validation is not None:
+        measured, shape, step_tokens = _measure(cfg, t0)
+        plan = plan_demo(
+            measured,
+            shape,
+            max_length=cfg.model.max_length or 512,
+            train_tokens_per_step=step_tokens,
+            max_steps=cfg.step_scheduler.max_steps or 1000,
+        )
+        apply_plan(cfg, plan, list(args.overrides))
+        _print_plan(plan, measured, shape)
+
+    from embedtune.training.monitor import read_metrics
+    from embedtune.training.recipe import train
+
     result = train(cfg)
     wall = time.perf_counter() - t0
     if result.exit_code != 0:
@@ -71,18 +411,26 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"model: {cfg.model.name_or_path}"
         + (f" + LoRA r={cfg.peft.r}" if cfg.peft else " (full fine-tuning)")
+        + f", {'bf16' if cfg.bf16 else 'fp32'}"
     )
     print(f"trained {result.state.step} steps ({result.stop_reason}), {result.state.examples_seen} examples")
     if cfg.validation is not None and len(vals) >= 2:
         before, after = vals[0], vals[-1]
-        print(f"held-out evaluation: {cfg.validation.data}")
-        print(f"{'':8} {'NDCG@10':>8} {'Recall@10':>10}")
-        print(f"{'before':8} {before['val/ndcg@10']:8.4f} {before['val/recall@10']:10.4f}")
-        print(f"{'after':8} {after['val/ndcg@10']:8.4f} {after['val/recall@10']:10.4f}")
+        v = cfg.validation
+        docs = f"{v.max_corpus} documents (all relevant + fixed others)" if v.max_corpus else "all documents"
+        print(
+            f"held-out evaluation: {v.data}, {docs}, {cfg.model.max_length} tokens, same set before and after"
+        )
+        print(f"{'':8} {'NDCG@10':>8} {'Recall@10':>10} {'seconds':>8}")
+        for name, r in (("before", before), ("after", after)):
+            secs = r.get("val/eval_seconds", float("nan"))
+            print(f"{name:8} {r['val/ndcg@10']:8.4f} {r['val/recall@10']:10.4f} {secs:8.0f}")
         gain = after["val/ndcg@10"] - before["val/ndcg@10"]
         print(f"{'gain':8} {gain:+8.4f} {after['val/recall@10'] - before['val/recall@10']:+10.4f}")
         if gain <= 0:
             print("warning: no gain on the held-out split — check the recipe (lr, steps, data)")
+    if plan is not None:
+        print(f"planned ~{plan.steps} steps, trained {result.state.step}")
     print(f"saved: {result.model_dir}")
     print(f"wall time: {wall / 60:.1f} min ({wall:.0f} s)")
     return 0

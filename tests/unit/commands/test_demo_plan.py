@@ -1,0 +1,117 @@
+"""The demo's planner (fake measurements: no clock, no model) and its output-folder safety."""
+
+from __future__ import annotations
+
+import pytest
+
+from embedtune.commands.demo import (
+    BUDGET_S,
+    EVAL_SHARE,
+    MARKER,
+    RESERVE_S,
+    EvalShape,
+    Measured,
+    apply_plan,
+    plan_demo,
+    prepare_output,
+)
+from embedtune.errors import EmbedtuneError
+from embedtune.training.config import load_train_config
+
+# The scifact-mini held-out set as the SmolLM2 tokenizer sees it: 300 queries, 1,000 long documents.
+SHAPE = EvalShape(query_tokens=300 * 25, doc_tokens=tuple([400] * 800 + [150] * 200), n_relevant=330, n_queries=300)
+STEP_TOKENS = 16 * (25 + 128)
+
+
+def _plan(tokens_per_s: dict[str, float], elapsed_s: float = 25.0):
+    return plan_demo(
+        Measured(tokens_per_s, elapsed_s),
+        SHAPE,
+        max_length=192,
+        train_tokens_per_step=STEP_TOKENS,
+        max_steps=80,
+    )
+
+
+def _predicted_total(plan, elapsed_s: float = 25.0) -> float:
+    return elapsed_s + 2 * plan.eval_s + plan.train_s + RESERVE_S
+
+
+def test_precision_is_the_measured_faster_one():
+    assert _plan({"fp32": 2000.0, "bf16": 4500.0}).precision == "bf16"  # AMX-like
+    assert _plan({"fp32": 2000.0, "bf16": 1500.0}).precision == "fp32"  # bf16 slower: not chosen
+    assert _plan({"fp32": 2000.0}).precision == "fp32"  # no bf16 instructions: only fp32 was timed
+
+
+def test_fast_machine_keeps_the_full_held_out_set():
+    plan = _plan({"fp32": 3000.0, "bf16": 9000.0})
+    assert (plan.eval_docs, plan.eval_max_length) == (1000, 192)
+    assert plan.steps == 80  # the recipe's cap
+    assert _predicted_total(plan) <= BUDGET_S
+
+
+@pytest.mark.parametrize("threads", [2, 1])
+def test_plan_fits_the_budget_and_keeps_evaluation_to_its_share(threads):
+    # A thread limit halves the measured speed: the plan must still fit, evaluation within its share.
+    plan = _plan({"fp32": 1200.0 * threads / 2})
+    assert _predicted_total(plan) <= BUDGET_S + 1e-6
+    assert 2 * plan.eval_s <= EVAL_SHARE * (BUDGET_S - 25.0 - RESERVE_S) + 1e-6 or plan.eval_docs == 330 + 200
+    assert plan.train_s >= 2 * plan.eval_s  # most of the time goes to training
+
+
+def test_plan_adapts_to_a_slower_machine():
+    fast, slow = _plan({"fp32": 1200.0}), _plan({"fp32": 600.0})  # 2 threads vs a 1-thread limit
+    assert slow.eval_max_length <= fast.eval_max_length and slow.eval_docs <= fast.eval_docs
+    assert (slow.eval_max_length, slow.eval_docs) != (fast.eval_max_length, fast.eval_docs)
+    assert slow.steps < fast.steps
+    assert slow.eval_docs >= SHAPE.n_relevant  # every relevant document stays searchable
+    assert any("cut to" in r or "corpus" in r for r in slow.reasons)
+
+
+def test_apply_plan_sets_precision_eval_set_and_budget_but_not_overrides(tmp_path):
+    overrides = [f"output_dir={tmp_path / 'run'}", "validation.max_corpus=700"]
+    cfg = load_train_config("smollm2_135m_demo", overrides)
+    plan = _plan({"fp32": 600.0})
+    apply_plan(cfg, plan, overrides)
+    assert cfg.bf16 is False and cfg.validation.bf16 is False and cfg.model.dtype == "float32"
+    assert cfg.model.max_length == plan.eval_max_length
+    assert cfg.validation.max_corpus == 700  # given on the command line: kept
+    assert cfg.step_scheduler.max_time_minutes == pytest.approx(plan.time_budget_s / 60)
+    assert cfg.step_scheduler.max_steps < 80  # the schedule matches the steps that fit
+
+    cfg = load_train_config("smollm2_135m_demo", [f"output_dir={tmp_path / 'run'}"])
+    apply_plan(cfg, plan, [])
+    assert cfg.validation.max_corpus == plan.eval_docs < 1000
+
+
+def _cfg(tmp_path, *extra: str):
+    return load_train_config("smollm2_135m_demo", [f"output_dir={tmp_path / 'run'}", *extra])
+
+
+def test_demo_marks_the_folder_it_creates_and_clears_only_its_own_checkpoints(tmp_path):
+    cfg = _cfg(tmp_path)
+    prepare_output(cfg)
+    assert (tmp_path / "run" / MARKER).is_file()
+    (cfg.checkpoint_dir / "step_25").mkdir(parents=True)
+    prepare_output(cfg)  # a previous demo run's checkpoints: cleared
+    assert not cfg.checkpoint_dir.exists()
+
+
+def test_demo_refuses_to_delete_a_folder_it_did_not_create(tmp_path):
+    cfg = _cfg(tmp_path)
+    real = cfg.checkpoint_dir / "step_1000"
+    real.mkdir(parents=True)
+    (real / "model.safetensors").write_bytes(b"a real run")
+    with pytest.raises(EmbedtuneError, match="did not create.*nothing was deleted"):
+        prepare_output(cfg)
+    assert (real / "model.safetensors").read_bytes() == b"a real run"
+
+
+def test_demo_never_deletes_a_checkpoint_dir_outside_its_marked_folder(tmp_path):
+    elsewhere = tmp_path / "my_run_checkpoints"
+    cfg = _cfg(tmp_path, f"checkpoint.dir={elsewhere}")
+    prepare_output(cfg)  # creates and marks run/
+    (elsewhere / "step_5").mkdir(parents=True)
+    with pytest.raises(EmbedtuneError, match="did not create"):
+        prepare_output(cfg)
+    assert (elsewhere / "step_5").is_dir()
