@@ -109,9 +109,29 @@ def _debug_requested(args: argparse.Namespace | None) -> bool:
     return env or bool(getattr(args, "debug", False))
 
 
-def describe_os_error(exc: OSError) -> str:
-    """One line for a file-system error: what happened, to which path, and what to do."""
-    path = exc.filename if exc.filename is not None else None
+# File-system errors that are about the machine, not the input: reported as such even when a library
+# error wraps them.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+# Arguments that name what a command writes; a failed write() carries no file name, so the message
+# names these instead. A command's check() may also set ``args.outputs`` (train: the recipe's output_dir).
+OUTPUT_ARGUMENTS = ("output", "run", "json", "dest", "cache_dir")
+
+
+def _outputs_of(args: argparse.Namespace) -> list[str]:
+    found = [str(p) for p in getattr(args, "outputs", None) or []]
+    found += [str(getattr(args, a)) for a in OUTPUT_ARGUMENTS if getattr(args, a, None)]
+    return found
+
+
+def describe_os_error(exc: OSError, outputs: list[str] | None = None) -> str:
+    """One line for a file-system error: what happened, to which path, and what to do.
+
+    Args:
+        exc: the error.
+        outputs: what the command writes, named when the error carries no path (a failed ``write``).
+    """
+    path = exc.filename if exc.filename is not None else (" / ".join(outputs) if outputs else None)
     where = f"{path}" if path else "a file"
     if exc.filename2:
         where += f" -> {exc.filename2}"
@@ -152,9 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     prog = f"embedtune {args.command}"
     debug = _debug_requested(args)
     try:
-        if args._check is not None:
-            args._check(args)  # paths, names, values: before any heavy import or model load
-        return int(args._run(args) or 0)
+        try:
+            if args._check is not None:
+                args._check(args)  # paths, names, values: before any heavy import or model load
+            return int(args._run(args) or 0)
+        except EmbedtuneError as exc:
+            # A library error wrapping a full disk or a permission problem: report the disk problem.
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno in ENVIRONMENT_ERRNOS and not debug:
+                raise cause from None
+            raise
     except EmbedtuneError as exc:
         if debug:
             raise
@@ -167,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if debug:
             raise
-        print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
+        print(f"{prog}: error: {describe_os_error(exc, _outputs_of(args))}", file=sys.stderr)
         return EXIT_ENVIRONMENT
     except ImportError as exc:
         if debug:

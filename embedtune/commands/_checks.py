@@ -27,6 +27,7 @@ __all__ = [
     "did_you_mean",
     "existing_path",
     "load_recipe",
+    "require_package",
 ]
 
 
@@ -148,6 +149,21 @@ def _looks_like_path(name: str) -> bool:
     return "/" in name and Path(name.split("/", 1)[0]).is_dir()  # runs/model: "runs" is a local folder
 
 
+def require_package(module: str) -> None:
+    """Raise the ``ModuleNotFoundError`` that importing ``module`` would, without importing it.
+
+    The CLI's error boundary turns it into one line with the pip command (``embedtune.errors``).
+    """
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+
 def check_model(name: str | None, flag: str = "--model") -> None:
     """A model argument names a folder, a short name, or (online, or cached) a hub id.
 
@@ -192,13 +208,10 @@ _ZOO_PACKAGES: dict[str, tuple[str, ...]] = {
 
 
 def _check_zoo_package(name: str, zoo: Any) -> None:
-    import importlib.util
-
     if (zoo.cache_dir() / name / "config.json").is_file():
         return
     for package in _ZOO_PACKAGES.get(name, ()):
-        if importlib.util.find_spec(package) is None:
-            raise ModuleNotFoundError(f"No module named {package!r}", name=package)
+        require_package(package)
 
 
 # --------------------------------------------------------------------------------------------------

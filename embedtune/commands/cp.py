@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from embedtune.errors import ConfigError
@@ -16,6 +15,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="a shipped recipe (see `embedtune ls`)")
     parser.add_argument("dest", help="where to write it (a file, or a folder to put NAME.yaml in)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+
+def check(args: argparse.Namespace) -> None:
+    """The destination can be written (the recipe name is checked by ``run``, with close names)."""
+    from embedtune.commands._checks import check_output_dir, check_output_file
+
+    dest = Path(args.dest)
+    if dest.is_dir():
+        check_output_dir(dest, "DEST")
+    else:
+        check_output_file(dest, "DEST")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
         dest = dest / src.name
     if dest.exists() and not args.force:
         raise ConfigError(f"{dest}: already exists; pass --force to overwrite it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dest)
+    from embedtune.commands._files import replace_when_done
+
+    with replace_when_done(dest) as f:  # a failed copy keeps the file that was there
+        f.write(src.read_bytes())
     print(f"copied {args.name} to {dest}")
     return 0

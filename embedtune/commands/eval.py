@@ -124,6 +124,8 @@ def check(args: argparse.Namespace) -> None:
         _checks.check_output_file(args.run, "--run")
     if args.cache_dir and not args.no_cache:
         _checks.check_output_dir(args.cache_dir, "--cache-dir")
+    if args.backend == "faiss":
+        _checks.require_package("faiss")
     _checks.check_model(args.model)
 
 

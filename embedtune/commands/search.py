@@ -43,6 +43,8 @@ def check(args: argparse.Namespace) -> None:
     _checks.check_positive(args.batch_size, "--batch-size")
     _checks.check_positive(args.max_length, "--max-length")
     _checks.existing_path(args.corpus, "--corpus")
+    if args.backend == "faiss":
+        _checks.require_package("faiss")
     _checks.check_model(args.model)
 
 

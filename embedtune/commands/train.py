@@ -53,6 +53,7 @@ def check(args: argparse.Namespace) -> None:
     if _recipe_kind(args.recipe) != "biencoder":
         return
     cfg = _checks.load_recipe(args.recipe, args.overrides)
+    args.outputs = [cfg.output_dir]  # named by the CLI's error boundary when a write fails
     _checks.check_recipe_paths(cfg)
     _checks.check_train_outputs(cfg)
 
