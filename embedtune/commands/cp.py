@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
         dest = dest / src.name
     if dest.exists() and not args.force:
         raise ConfigError(f"{dest}: already exists; pass --force to overwrite it")
-    from embedtune.commands._files import replace_when_done
+    from embedtune._atomic import atomic_file
 
-    with replace_when_done(dest) as f:  # a failed copy keeps the file that was there
+    with atomic_file(dest, "wb") as f:  # a failed copy keeps the file that was there
         f.write(src.read_bytes())
     print(f"copied {args.name} to {dest}")
     return 0

@@ -54,7 +54,7 @@ def check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from embedtune.commands._files import replace_when_done
+    from embedtune._atomic import atomic_file
     from embedtune.export.runtime import load_encoder
 
     texts = read_texts(Path(args.input), args.field)
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     emb = encoder.encode(
         texts, args.kind, batch_size=args.batch_size, max_length=args.max_length, bf16=args.bf16
     )
-    with replace_when_done(output) as f:  # a failed write keeps the previous file
+    with atomic_file(output, "wb") as f:  # a failed write keeps the previous file
         np.save(f, np.asarray(emb, dtype=np.float32))
     print(f"wrote {output}: {len(texts)} x {emb.shape[1]} ({args.kind}, {type(encoder).__name__})")
     return 0

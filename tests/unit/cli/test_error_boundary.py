@@ -187,14 +187,7 @@ def assert_one_clear_line(out: str, *needles: str) -> None:
 COMMANDS = ["encode", "eval", "mine", "export", "train", "cp"]
 
 
-# eval's --output goes through embedtune._atomic once edgeout's atomic writes land (issue #14 item 2);
-# until then a full disk truncates the earlier metrics file. Not strict: it passes as soon as they do.
-PENDING_ATOMIC = pytest.mark.xfail(reason="eval --output is not written atomically yet", strict=False)
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(c, marks=PENDING_ATOMIC) if c == "eval" else c for c in COMMANDS]
-)
+@pytest.mark.parametrize("name", COMMANDS)
 def test_full_disk(name: str, inputs, earlier_export, full_disk: Path, capsys) -> None:
     out, marker = place_old_output(name, full_disk, earlier_export)
     before = snapshot(marker)
