@@ -11,6 +11,9 @@ the state, takes one optimizer step (so the Adam moments exist), resets the kern
   tensor allocations are not traced, which is why RSS is the main number);
 * ``save s``: wall time of the save (contended machine: compare the ratio, not the seconds).
 
+The machine header (CPU model, AMX / avx512_bf16 flags, measured matmul peaks) comes first, and the
+table is stored under ``benchmarks/results/checkpoint_memory_<machine>.txt``.
+
 Variants:
 
 * ``old (bytes in RAM)``: what ``CheckpointManager`` did before issue #11 (copied here verbatim so
@@ -40,23 +43,6 @@ import tracemalloc
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_header() -> str:
-    """CPU model, core count and the matmul-relevant flags (AMX, AVX-512 BF16)."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown", "", "x86_64"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    wanted = ["amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2"]
-    shown = " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted)
-    return f"CPU: {model} ({os.cpu_count()} cores visible); {shown}"
 
 
 def _status_kb(field: str) -> int:
@@ -156,12 +142,19 @@ def main() -> None:
         child(args.child, args.mb, args.out)
         return
 
-    print(cpu_header())
-    print(f"python {platform.python_version()}, ", end="")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _machine import recorded
+
+    with recorded("checkpoint_memory", argv=sys.argv[1:]):
+        _compare(args)
+
+
+def _compare(args: argparse.Namespace) -> None:
     import torch
 
     print(
-        f"torch {torch.__version__}; state ~{args.mb:.0f} MB (weights + AdamW moments), fresh process per run\n"
+        f"python {platform.python_version()}, torch {torch.__version__}; state ~{args.mb:.0f} MB "
+        "(weights + AdamW moments), fresh process per run\n"
     )
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     results: dict[str, dict] = {}
