@@ -355,3 +355,36 @@ def test_another_number_of_ranks_is_refused_unless_allowed(tmp_path):
     with pytest.warns(CheckpointWarning, match=r"\(2 ranks\) on 1.*reseeded"):
         ck.load(path, model=other, optimizer=other_opt, allow_world_change=True)
     assert torch.equal(other[3].weight, model[3].weight)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_round_trip_restores_gpu_weights_optimizer_and_the_cuda_rng(tmp_path):
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(64, 64), nn.Dropout(0.2), nn.Linear(64, 8)).cuda()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def run(model, opt, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            opt.zero_grad()
+            loss = model(torch.randn(16, 64, device="cuda")).pow(2).mean()  # CUDA RNG: data and dropout
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return out
+
+    model, opt = build(0)
+    run(model, opt, 2)
+    torch.cuda.manual_seed_all(11)
+    ck = Checkpointer(tmp_path)
+    path = ck.save(TrainState(step=2), model=model, optimizer=opt)
+    want = run(model, opt, 3)
+    model2, opt2 = build(1)
+    torch.cuda.manual_seed_all(0)
+    ck.load(path, model=model2, optimizer=opt2)
+    assert (
+        next(model2.parameters()).is_cuda and opt2.state[opt2.param_groups[0]["params"][0]]["exp_avg"].is_cuda
+    )
+    assert run(model2, opt2, 3) == want
