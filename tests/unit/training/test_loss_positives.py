@@ -217,3 +217,32 @@ def test_the_recipe_hands_every_positive_to_the_loss(tmp_path, monkeypatch, grad
         assert pos.shape[1] == 3 and set(pos.reshape(-1).tolist()) <= every
         assert all(text_hash("shared doc") in row for row in pos.tolist())
     assert sum(p.shape[0] for p in seen) == 4  # each query once: sliced with its (micro-)batch
+
+
+def test_rank_shares_with_gathered_keys_and_local_positive_ids_add_up_to_one_process():
+    """Cross-rank negatives: each rank scores its own queries (offset, its rows of positive_ids) against
+    the gathered passages and keys; the mean over ranks is the one-process loss on the whole batch."""
+    g = torch.Generator().manual_seed(7)
+    world, b_local, n_passages = 2, 3, 3
+    b_total = world * b_local
+    n = b_total * n_passages
+    q, p = _embeddings(7, b_total, n)
+    keys = torch.stack(
+        [torch.randint(0, 14, (n,), generator=g), torch.randint(0, 60, (n,), generator=g)], dim=1
+    )
+    positive_ids = torch.randint(0, 14, (b_total, 3), generator=g)  # other queries' passages, often
+    kw = dict(n_passages=n_passages, temperature=0.05, doc_ids=keys)
+    whole = info_nce(q, p, positive_ids=positive_ids, **kw)
+    shares = [
+        info_nce(
+            q[r * b_local : (r + 1) * b_local],
+            p,
+            positive_ids=positive_ids[r * b_local : (r + 1) * b_local],
+            offset=r * b_local,
+            **kw,
+        )
+        for r in range(world)
+    ]
+    assert (sum(shares) / world).item() == pytest.approx(whole.item(), rel=1e-6)
+    unmasked = info_nce(q, p, **kw)
+    assert abs(unmasked.item() - whole.item()) > 1e-4  # the extra positives do change the loss here
