@@ -7,10 +7,13 @@ grouping runs on the gathered keys. The previous code built (N, N) bool and int6
 (about 17 bytes × N², 18 GiB at N = 32,768); the new one sorts each key once (``torch.unique``) and
 propagates per-group minima in O(N) memory.
 
-Each (variant, N) runs in a fresh child process; ``extra peak MiB`` is the growth of the process's
-peak resident set (``ru_maxrss``) across the call, measured after the inputs exist and a warm-up on a
-tiny batch. Keys are realistic: 63-bit document-ID hashes with ~10 % repeated documents and text
-fingerprints that join a few more pairs. The (N, N) version is measured up to ``--old-max-n`` (default
+The machine header (CPU model, AMX / avx512_bf16 flags, measured matmul peaks) comes from
+``benchmarks/_machine.py``; the table is stored under ``benchmarks/results/``. Each (variant, N) runs in
+a fresh child process, one torch thread; ``extra peak MiB`` is the peak resident set during the call
+(``VmHWM``, reset through ``/proc/self/clear_refs`` just before it) minus the resident set at its start,
+with glibc told to give every allocation of 64 KiB or more fresh pages (``MALLOC_MMAP_THRESHOLD_``), after
+the inputs exist and a warm-up on a tiny batch. Linux only. Keys are realistic: 63-bit document-ID
+hashes with ~10 % repeated documents and text fingerprints that join a few more pairs. The (N, N) version is measured up to ``--old-max-n`` (default
 8,192: about 1.1 GiB on a shared machine); above that its row is *projected* from the largest measured
 size as ∝ N² (memory) and ∝ N² (time), and marked so. Both variants' labels are compared for equality
 wherever both ran.
@@ -24,8 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -33,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's embedtune
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _machine
 
 BUDGET_S, BUDGET_MIB = 1.0, 100.0  # the issue's bar for N = 4,096 × 8
 
@@ -65,8 +68,16 @@ def make_keys(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, fps
 
 
-def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _status_mib(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM (the peak resident set) to the current resident set (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def child(variant: str, n: int, repeats: int) -> dict:
@@ -77,38 +88,28 @@ def child(variant: str, n: int, repeats: int) -> dict:
     torch.set_num_threads(1)
     fn(*make_keys(64, seed=1))  # warm-up (kernels, allocator) on a tiny batch
     keys = make_keys(n)
-    base = _maxrss_mib()
-    best = float("inf")
+    best, extra = float("inf"), 0.0
     for _ in range(repeats):
+        _reset_peak_rss()
+        base = _status_mib("VmRSS")
         t0 = time.perf_counter()
         labels = fn(*keys)
         best = min(best, time.perf_counter() - t0)
-    out = {"variant": variant, "n": n, "s": best, "extra_mib": _maxrss_mib() - base}
+        extra = max(extra, _status_mib("VmHWM") - base)
+        del labels
+    labels = fn(*keys)
+    out = {"variant": variant, "n": n, "s": best, "extra_mib": extra}
     out["labels_sha1"] = hashlib.sha1(labels.numpy().tobytes()).hexdigest()  # exact equality check
     out["components"] = int(labels.unique().numel())
     return out
 
 
-def cpu_header() -> str:
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    marks = [f for f in ("amx_tile", "amx_bf16", "avx512f", "avx512_bf16", "avx2") if f in flags]
-    return (
-        f"CPU: {model}; flags: {', '.join(marks) or 'none of amx/avx512'}; torch {torch.__version__}, "
-        "1 thread; timings on a shared machine are contended (compare the ratios)"
-    )
-
-
 def run_child(variant: str, n: int, repeats: int) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, str(n), "--repeats", str(repeats)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # Allocations of 64 KiB and more get fresh pages (mmap), so the peak resident set sees each one
+    # instead of memory that an earlier, freed allocation left in the heap.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if res.returncode != 0:
         raise SystemExit(f"child {variant} N={n} failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -127,10 +128,15 @@ def main() -> int:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.repeats)))
         return 0
 
-    print(cpu_header())
-    print(
-        "same_document_ids over [hashed ID, text fingerprint] keys; N = 4,096 × 8 = 32,768 is the target\n"
-    )
+    from _machine import recorded
+
+    with recorded("same_document_ids", argv=sys.argv[1:], threads=1):
+        return table(args)
+
+
+def table(args: argparse.Namespace) -> int:
+    """Run every (variant, N) in a child process and print the side-by-side table."""
+    print("same_document_ids over [hashed ID, text fingerprint] keys; N = 4,096 × 8 = 32,768 is the target\n")
     head = f"{'N passages':>10} | {'old s':>9} | {'old extra MiB':>13} | {'new s':>8} | {'new extra MiB':>13} | {'time ×':>7} | {'mem ×':>7} | same labels"
     print(head)
     print("-" * len(head))
@@ -163,7 +169,7 @@ def main() -> int:
                 f"extra (< {BUDGET_MIB:.0f} MiB): {'PASS' if passed else 'FAIL'}"
             )
     print("\n* projected from the largest measured old size as ∝ N² (run with --old-max-n to measure)")
-    print("mem × uses max(new, 1 MiB) as the divisor (ru_maxrss has KiB resolution and the new peak is tiny)")
+    print("mem × uses max(new, 1 MiB) as the divisor (the new peak can round to nothing)")
     return 0 if ok else 1
 
 
