@@ -569,6 +569,13 @@ class Checkpointer:
 
     @staticmethod
     def _check_keys(path: Path, sd: dict[str, Any]) -> None:
+        """Check that the checkpoint holds every tensor ``sd`` expects, before DCP reads anything (a
+        mismatch is then one clear message; DCP would log a traceback per rank).
+
+        A parameter that never had a gradient (e.g. BERT's unused pooler) has no optimizer state in the
+        checkpoint, while ``get_state_dict`` creates zero state for every parameter of a fresh optimizer:
+        such entries are dropped from ``sd``, so the optimizer comes back exactly as it was saved.
+        """
         from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 
         meta_file = path / _STATE / ".metadata"
@@ -578,6 +585,10 @@ class Checkpointer:
             saved = set(metadata.state_dict_metadata)
         except (OSError, pickle.UnpicklingError, AttributeError, EOFError, ValueError) as exc:
             raise CheckpointError(f"{meta_file}: unreadable checkpoint index ({exc})") from None
+        optim_state = sd.get("optim", {}).get("state", {})
+        for fqn in list(optim_state):
+            if not any(f"optim.state.{fqn}.{k}" in saved for k in optim_state[fqn]):
+                del optim_state[fqn]  # no state when saved: the parameter had not been stepped yet
         wanted, _ = flatten_state_dict(sd)
         missing = sorted(k for k in wanted if k not in saved)
         if missing:

@@ -100,6 +100,28 @@ def test_round_trip_restores_weights_optimizer_schedule_and_every_rng_exactly(tm
     assert path.name == "step_00000003"
 
 
+def test_a_parameter_never_stepped_has_no_optimizer_state_after_resume_either(tmp_path):
+    # BERT's pooler under a mean-pooled encoder: trainable, but never given a gradient.
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"used": nn.Linear(4, 2), "unused": nn.Linear(4, 2)})
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model["used"](torch.randn(3, 4)).sum().backward()
+        opt.step()
+    path = Checkpointer(tmp_path).save(TrainState(step=2), model=model, optimizer=opt)
+    torch.manual_seed(1)
+    model2 = nn.ModuleDict({"used": nn.Linear(4, 2), "unused": nn.Linear(4, 2)})
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
+    Checkpointer(tmp_path).load(path, model=model2, optimizer=opt2)
+    want, got = opt.state_dict(), opt2.state_dict()
+    assert sorted(got["state"]) == sorted(want["state"]) == [0, 1]  # the used layer's weight and bias only
+    for i in want["state"]:
+        for k, v in want["state"][i].items():
+            assert torch.equal(got["state"][i][k], v)
+    assert torch.equal(model2["unused"].weight, model["unused"].weight)
+
+
 def test_the_layout_is_one_marker_dcp_state_and_a_rank_file(tmp_path):
     ck = Checkpointer(tmp_path, strategy="single")
     path = _save(ck, 4, fingerprint=Fingerprint.of({"optimizer": {"lr": 0.1}}))
