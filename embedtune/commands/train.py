@@ -24,6 +24,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_launch_arguments(parser)  # --nproc-per-node, --nnodes, --rdzv-endpoint: see docs/distributed.md
 
 
+def _nemo_converted(args: argparse.Namespace) -> None:
+    """A NeMo AutoModel recipe is converted (printed once) and trained as its embedtune equivalent."""
+    from pathlib import Path
+
+    from embedtune.config import read_yaml
+    from embedtune.nemo.recipe import is_nemo_recipe
+
+    path = Path(args.recipe)
+    if getattr(args, "_nemo_source", None) or not path.is_file() or not is_nemo_recipe(read_yaml(path)):
+        return
+    import tempfile
+
+    from embedtune._atomic import write_text
+    from embedtune.commands.import_nemo import convert_file
+
+    text, conversion = convert_file(path)
+    print(conversion.report())  # type: ignore[attr-defined]
+    out = Path(tempfile.mkdtemp(prefix="embedtune-nemo-")) / f"{path.stem}.embedtune.yaml"
+    write_text(out, text)
+    print(f"converted recipe: {out}")
+    args._nemo_source, args.recipe = str(path), str(out)
+
+
 def _recipe_kind(recipe: str) -> str:
     """``rerank`` (``recipe: rerank``), ``distill`` (a ``distill:`` block) or ``biencoder``."""
     from pathlib import Path
@@ -50,6 +73,7 @@ def check(args: argparse.Namespace) -> None:
 
     check_launch_arguments(args)
     _checks.check_recipe_source(args.recipe)
+    _nemo_converted(args)
     if _recipe_kind(args.recipe) != "biencoder":
         return
     cfg = _checks.load_recipe(args.recipe, args.overrides)
@@ -62,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     """Validate the recipe, train, and return 0 (done), 143/130 (stopped by SIGTERM/SIGINT, resumable)."""
     from embedtune.commands._checks import load_recipe
 
+    _nemo_converted(args)
     kind = _recipe_kind(args.recipe)
     if kind in ("rerank", "distill"):  # the same command trains rerankers and distils from them
         from embedtune.commands import rerank

@@ -19,7 +19,15 @@ from embedtune.data.corpus import Corpus
 from embedtune.data.lazy import LazySequence
 from embedtune.data.problems import Problem, ProblemLog
 
-__all__ = ["AnyCorpus", "ConcatCorpus", "Example", "Instructions", "RecordBuilder", "RetrievalData"]
+__all__ = [
+    "AnyCorpus",
+    "ConcatCorpus",
+    "Example",
+    "Instructions",
+    "RecordBuilder",
+    "RetrievalData",
+    "concat_data",
+]
 
 
 @dataclass(frozen=True)
@@ -261,3 +269,39 @@ class RecordBuilder:
             problem_count=log.total,
             skipped_rows=log.skipped_rows,
         )
+
+
+def concat_data(parts: Sequence[RetrievalData]) -> RetrievalData:
+    """Several data sets as one: examples in order, corpora side by side, each keeping its instructions.
+
+    Used where a recipe reads one data set but the source lists several (NeMo's ``data_dir_list``).
+    """
+    if len(parts) == 1:
+        return parts[0]
+    starts = np.cumsum([0, *[len(p.corpus) for p in parts]])
+    group_starts = np.cumsum([0, *[len(p.instructions) for p in parts]])
+    corpus = ConcatCorpus(
+        [c for p in parts for c in (p.corpus.parts if isinstance(p.corpus, ConcatCorpus) else [p.corpus])]
+    )
+
+    def offsets(key: str) -> np.ndarray:
+        counts = np.concatenate([np.diff(getattr(p, key)) for p in parts])
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    return RetrievalData(
+        source=", ".join(p.source for p in parts),
+        format="+".join(dict.fromkeys(p.format for p in parts)),
+        corpus=corpus,
+        query_ids=[q for p in parts for q in p.query_ids],
+        queries=[q for p in parts for q in p.queries],
+        pos_offsets=offsets("pos_offsets"),
+        pos_rows=np.concatenate([p.pos_rows + starts[k] for k, p in enumerate(parts)]).astype(np.int64),
+        neg_offsets=offsets("neg_offsets"),
+        neg_rows=np.concatenate([p.neg_rows + starts[k] for k, p in enumerate(parts)]).astype(np.int64),
+        lines=np.concatenate([p.lines for p in parts]),
+        groups=np.concatenate([p.groups + group_starts[k] for k, p in enumerate(parts)]).astype(np.int32),
+        instructions=[i for p in parts for i in p.instructions],
+        problems=[x for p in parts for x in p.problems],
+        problem_count=sum(p.problem_count for p in parts),
+        skipped_rows=sum(p.skipped_rows for p in parts),
+    )

@@ -107,6 +107,7 @@ class CrossEncoderReranker(nn.Module):
         template: str | None = None,
         max_length: int | None = None,
         bidirectional: bool | None = None,
+        pooling: str | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         verify: bool = True,
@@ -118,6 +119,10 @@ class CrossEncoderReranker(nn.Module):
             template: override the saved template (see the module docstring); default: saved, else none.
             max_length: tokens per pair; default: saved, else min(512, the tokenizer's limit).
             bidirectional: None converts causal decoders, False keeps them causal.
+            pooling: ``avg``, ``cls`` or ``last`` puts NeMo AutoModel's head on a Llama backbone
+                (:class:`embedtune.nemo.cross_encoder.LlamaBidirectionalForSequenceClassification`: the
+                pooled hidden states through a bias-free score head), as NeMo's cross-encoder recipe
+                does; None keeps transformers' head (or the checkpoint's own).
             dtype: weights dtype (default float32).
             device: where to put the model.
             verify: prove a converted decoder attends bidirectionally.
@@ -145,6 +150,24 @@ class CrossEncoderReranker(nn.Module):
                 raise ModelLoadError(
                     f"{name}: cannot read a model config ({exc}) — is this a model folder?"
                 ) from exc
+            if pooling is not None:
+                if getattr(config, "model_type", None) not in ("llama", "llama_bidirec"):
+                    raise ModelLoadError(
+                        f"{name}: pooling={pooling!r} (NeMo's cross-encoder head) needs a Llama backbone, "
+                        f"got model_type {getattr(config, 'model_type', '?')!r}; leave pooling unset"
+                    )
+                if pooling not in ("avg", "cls", "last"):
+                    raise ConfigError(f"pooling: {pooling!r} is not one of avg, cls, last")
+                if config.model_type == "llama":
+                    from embedtune.models.llama import LlamaBidirectionalConfig
+
+                    data = {
+                        k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")
+                    }
+                    config = LlamaBidirectionalConfig(**data)
+                    config.architectures = ["LlamaBidirectionalForSequenceClassification"]
+                    config.temperature = 1.0
+                config.pooling = pooling
             nemo = is_nemo_cross_encoder(config)
             if getattr(config, "model_type", None) == "llama_bidirec" and not nemo:
                 # A NeMo bi-encoder as the start of a reranker: its contrastive temperature (0.02) is

@@ -45,8 +45,9 @@ class RerankConfig:
     """Which recipe this is; must be ``rerank``."""
     model: str = "minilm"
     """Backbone: a folder, hub id or short name; an encoder or a decoder (converted to bidirectional)."""
-    data: str = ""
-    """Training data: corpus-ID ``.json`` (e.g. from ``embedtune mine``), inline ``.jsonl`` or a BEIR folder."""
+    data: str | list[str] = ""
+    """Training data: corpus-ID ``.json`` (e.g. from ``embedtune mine``), inline ``.jsonl``, a BEIR folder
+    or an ``hf://`` data set; a list of them is read as one data set."""
     split: str = "train"
     """BEIR qrels split."""
     negatives: str | None = None
@@ -58,6 +59,9 @@ class RerankConfig:
     ``"question:{query} \\n \\n passage:{passage}"`` (decoders)."""
     max_length: int = 256
     """Tokens per (query, passage) pair."""
+    pooling: str | None = None
+    """``avg``/``cls``/``last``: NeMo AutoModel's cross-encoder head on a Llama backbone (pooled hidden
+    states through a bias-free score head); null: transformers' own head."""
     group_size: int = 8
     """Passages per query in the softmax: 1 positive + ``group_size - 1`` negatives."""
     batch_size: int = 8
@@ -197,9 +201,12 @@ def train_reranker(cfg: RerankConfig, *, data: Any = None) -> RerankResult:
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)  # the new score head's initialisation
     if data is None:
-        data = read_training_file(cfg.data, split=cfg.split, negatives=cfg.negatives)
+        from embedtune.data.model import concat_data
+
+        paths = [cfg.data] if isinstance(cfg.data, str) else list(cfg.data)
+        data = concat_data([read_training_file(p, split=cfg.split, negatives=cfg.negatives) for p in paths])
     model = CrossEncoderReranker.from_pretrained(
-        cfg.model, template=cfg.template, max_length=cfg.max_length, device=device
+        cfg.model, template=cfg.template, max_length=cfg.max_length, pooling=cfg.pooling, device=device
     )
     model.train()
     steps_per_epoch = len(data) // cfg.batch_size

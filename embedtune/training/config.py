@@ -121,9 +121,13 @@ class LRSchedulerConfig:
     """Warmup as a fraction of the total steps (overrides ``warmup_steps`` when set)."""
     min_lr_ratio: float = 0.0
     """Final learning rate as a fraction of the peak."""
+    warmup_start_ratio: float = 0.0
+    """Where warmup starts, as a fraction of the peak (NeMo AutoModel starts at 0.1: ``init_lr``)."""
 
     def __post_init__(self) -> None:
         SCHEDULERS.check(self.name, "name")
+        if not 0 <= self.warmup_start_ratio <= 1:
+            raise ConfigError(f"warmup_start_ratio: must be in [0, 1], got {self.warmup_start_ratio}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:

@@ -2,8 +2,8 @@
 
 ``optimizer.name`` picks from :data:`embedtune.config.OPTIMIZERS` (``adamw``, ``sgd``) and
 ``lr_scheduler.name`` from :data:`embedtune.config.SCHEDULERS` (``constant``, ``linear``, ``cosine``).
-Every schedule warms up linearly from 0 over ``warmup_steps`` and then decays towards
-``min_lr_ratio * lr`` at ``total_steps``.
+Every schedule warms up linearly from ``warmup_start_ratio * lr`` (default 0) over ``warmup_steps``
+and then decays towards ``min_lr_ratio * lr`` at ``total_steps``.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def lr_factor(step: int, total_steps: int, cfg: LRSchedulerConfig) -> float:
         warmup = int(cfg.warmup_ratio * total_steps)
     warmup = min(warmup, max(total_steps - 1, 0))
     if step < warmup:
-        return (step + 1) / (warmup + 1)
+        start = cfg.warmup_start_ratio
+        return start + (1.0 - start) * (step + 1) / (warmup + 1)
     decay_steps = max(total_steps - warmup, 1)
     progress = min((step - warmup) / decay_steps, 1.0)
     shape: Callable[[float], float] = SCHEDULERS.get(cfg.name, "lr_scheduler.name")
