@@ -73,7 +73,7 @@ def test_differences_are_printed_once_each() -> None:
     raw["wandb"] = {"project": "p", "entity": "e", "name": "n", "save_dir": "d"}
     report = convert_recipe(raw).report()
     for expected in (
-        "schedule: same shape (warmup from init_lr to lr, then decay to min_lr)",
+        "schedule: same shape (warmup from init_lr to lr, then decay to min_lr, identical from step W on)",
         "fp32 master weights (master_weights: true)",
         "in-batch negatives off, as NeMo",
         "wandb: logging backend",
