@@ -22,7 +22,8 @@ Stages (each PASS / FAIL / SKIP with its numbers; a failing stage does not stop 
                     with in-batch + cross-device negatives and false-negative masking on NCCL: which
                     process group was created and the device of every tensor handed to a collective.
 
-The report is printed and written to ``benchmarks/results/gpu_check_<date>.txt`` as it goes (a stage
+Stages share a time budget (``--budget-minutes``, default 8): subprocess timeouts and the recipe's own
+``max_time_minutes`` are taken from what is left. The report is printed and written to ``benchmarks/results/gpu_check_<date>.txt`` as it goes (a stage
 that runs out of time still leaves the earlier ones). Without CUDA (and without ``--dry-run``) the
 script stops at once with a clear message. Model FLOPs count ``6·N`` per token for the non-embedding
 parameters plus ``12·L·d·s`` for full (bidirectional) attention, and no recomputation (MFU, not HFU).
@@ -266,6 +267,7 @@ def recipe_overrides(
     local_batch: int,
     max_len: int,
     dry_run: bool,
+    minutes: float = 5.0,
     extra: Sequence[str] = (),
 ) -> list[str]:
     """Overrides of the shipped ``llama3_2_1b`` recipe for a short run on synthetic data (precision kept)."""
@@ -281,8 +283,8 @@ def recipe_overrides(
         f"step_scheduler.global_batch_size={global_batch}",
         f"step_scheduler.local_batch_size={local_batch}",
         "step_scheduler.ckpt_every_steps=1000000",
+        f"step_scheduler.max_time_minutes={minutes:.2f}",  # the recipe stops itself within the budget
         "step_scheduler.log_every_steps=1",
-        "step_scheduler.max_time_minutes=5",
         "lr_scheduler.warmup_steps=1",
         "logging.progress_bar=false",
         "logging.tensorboard=false",
@@ -313,6 +315,12 @@ class Ctx:
     global_batch: int
     peak_tflops: float | None
     cuda: bool
+    deadline: float = float("inf")
+    """``time.monotonic()`` by which the whole check must be done (``--budget-minutes``)."""
+
+    def seconds_left(self, reserve: float = 0.0) -> float:
+        """Time a stage may take, keeping ``reserve`` seconds for the stages after it (at least 30 s)."""
+        return max(30.0, self.deadline - time.monotonic() - reserve)
 
 
 def stage_environment(ctx: Ctx, st: Stage) -> None:
@@ -343,7 +351,8 @@ def stage_cuda_tests(ctx: Ctx, st: Stage) -> None:
     if ctx.dry_run:
         cmd.append("--collect-only")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
+    limit = min(240.0, ctx.seconds_left(reserve=240.0))  # the training and NCCL stages come after
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit, check=False)
     tail = (res.stdout + res.stderr).strip().splitlines()
     st.note(" ".join(cmd[2:]))
     st.lines.extend(ln for ln in tail[-8:] if ln.strip())
@@ -458,6 +467,8 @@ def stage_train(ctx: Ctx, st: Stage) -> None:
             local_batch=local,
             max_len=max_len,
             dry_run=ctx.dry_run,
+            # The loop stops itself in time; the checkpoint, final save and NCCL stage come after it.
+            minutes=min(5.0, ctx.seconds_left(reserve=240.0) / 60),
         ),
     ]
     st.note("embedtune " + " ".join(args))
@@ -552,7 +563,8 @@ def stage_nccl(ctx: Ctx, st: Stage) -> None:
         f"in-batch + cross-device negatives, masking, backend {backend}); collectives recorded"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
+    limit = min(240.0, ctx.seconds_left())
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit, check=False)
     found = [ln for ln in res.stdout.splitlines() if ln.startswith("GPU_CHECK_PG ")]
     info = json.loads(found[-1][len("GPU_CHECK_PG ") :]) if found else {}
     st.metrics.update(rc=res.returncode, **info)
@@ -690,6 +702,9 @@ def main(argv: list[str] | None = None) -> int:
         "--peak-tflops", type=float, default=None, help="bf16 dense peak, if the GPU is not known"
     )
     ap.add_argument("--stages", nargs="+", default=None, help="run only these stages (names as printed)")
+    ap.add_argument(
+        "--budget-minutes", type=float, default=8.0, help="the whole check's time budget (stages share it)"
+    )
     ap.add_argument("--rank-entry", action="store_true", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args(argv)
     if args.rank_entry:
@@ -734,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
             steps=args.steps or (3 if args.dry_run else 6),
             global_batch=args.global_batch or (4 if args.dry_run else 32),
             peak_tflops=peak,
+            deadline=time.monotonic() + 60 * args.budget_minutes,
         )
         stages: list[tuple[str, Callable[[Ctx, Stage], None]]] = [
             ("environment", stage_environment),

@@ -55,7 +55,8 @@ class LossConfig:
 
     mask_false_negatives: bool = True
     """Never count a passage as a negative when it has the same document ID (or identical token
-    sequence) as the query's own positive, e.g. two queries in one batch sharing a relevant document."""
+    sequence) as the query's positive or as any other of its positives, e.g. two queries in one batch
+    sharing a relevant document."""
 
     matryoshka_dims: list[int] | None = None
     """Also train truncated embeddings: the loss is averaged over these leading-dimension prefixes
