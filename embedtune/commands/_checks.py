@@ -278,7 +278,8 @@ def load_recipe(recipe: str, overrides: Sequence[str], loader: Any = None) -> An
 def check_recipe_paths(cfg: Any) -> None:
     """The files a training recipe reads exist, and its model is a folder, short name or hub id."""
     for i, ds in enumerate(cfg.data.datasets):
-        existing_path(ds.path, f"data.datasets[{i}].path:")
+        if not str(ds.path).startswith("hf://"):  # fetched through huggingface_hub when read
+            existing_path(ds.path, f"data.datasets[{i}].path:")
         if ds.negatives:
             existing_path(ds.negatives, f"data.datasets[{i}].negatives:", kind="file")
     if cfg.validation is not None:

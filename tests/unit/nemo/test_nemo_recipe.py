@@ -322,3 +322,21 @@ def test_schedule_matches_nemos_after_warmup_and_starts_at_init_lr(style: str) -
     assert 0.1 * lr < ours[0] < 0.2 * lr and ours == sorted(ours[:warmup]) + ours[warmup:]
     # The default (start 0) is unchanged: embedtune's old warmup.
     assert lr_factor(0, total, LRSchedulerConfig(warmup_steps=warmup)) == pytest.approx(1 / (warmup + 1))
+
+
+@pytest.mark.slow
+def test_bi_encoder_nemo_recipe_with_hf_data_trains_through_the_cli(tmp_path, monkeypatch, capsys) -> None:
+    import yaml
+
+    from embedtune.cli import main
+
+    _hub_cache(tmp_path, monkeypatch)
+    raw = _tiny(_raw("llama3_2_1b"), "tiny-llama")  # keys unchanged; its two hf:// URIs unchanged
+    raw["checkpoint"]["checkpoint_dir"] = str(tmp_path / "bi" / "checkpoints")
+    raw["model"]["torch_dtype"] = "float32"
+    path = tmp_path / "nemo_bi.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(path), "logging.progress_bar=false"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("NeMo AutoModel recipe converted") == 1 and "done: 2 steps" in out
+    assert (tmp_path / "bi" / "model" / "config.json").is_file()
