@@ -286,9 +286,8 @@ def read_hf_layout(
         for row, rec in enumerate(_rows(query_files, log)):
             if isinstance(rec, dict):
                 rec = dict(rec)
-                rec.setdefault("question_id", f"{subset}:{row}")  # NeMo's default question id
                 if rec.get("question_id") is None:
-                    rec["question_id"] = f"{subset}:{row}"
+                    rec["question_id"] = f"{subset}:{row}"  # NeMo's default question id
                 rec["corpus_id"] = corpus_id
                 if rec.get("neg_doc") is None:
                     rec.pop("neg_doc", None)
