@@ -20,6 +20,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ EVAL_SHARE = 1 / 3  # the before + after evaluations take at most this share of 
 MIN_EVAL_LENGTH = 128  # documents are never cut shorter than this for evaluation
 MIN_DISTRACTORS = 200  # a smaller corpus keeps every relevant document plus at least this many others
 TRAIN_COST = 3.0  # a training step costs about 3 forward passes of its tokens (forward + backward)
+MIN_STEPS = 40  # fewer predicted steps than this: train on shorter passages (down to MIN_TRAIN_LENGTH)
+MIN_TRAIN_LENGTH = 64
 RESERVE_S = 30.0  # loading the model for training, merging LoRA and saving at the end
 
 
@@ -101,6 +104,7 @@ class Plan:
     train_s: float  # seconds left for training steps
     step_s: float  # predicted seconds per training step
     steps: int  # predicted training steps (capped by the recipe's max_steps)
+    p_max_len: int  # training passage length
     time_budget_s: float  # what the training loop may spend (its evaluations included)
     reasons: list[str] = field(default_factory=list)
 
@@ -117,7 +121,8 @@ def plan_demo(
     shape: EvalShape,
     *,
     max_length: int,
-    train_tokens_per_step: float,
+    train_tokens_per_step: Callable[[int], float],
+    p_max_len: int,
     max_steps: int,
     budget_s: float = BUDGET_S,
 ) -> Plan:
@@ -127,7 +132,9 @@ def plan_demo(
         measured: encoding speed per precision and the time already spent.
         shape: the held-out set's token counts.
         max_length: the recipe's document length for evaluation.
-        train_tokens_per_step: tokens one training step processes (queries + passages, padded).
+        train_tokens_per_step: tokens one training step processes (queries + passages, padded) when
+            passages are cut to the given length.
+        p_max_len: the recipe's training passage length.
         max_steps: the recipe's step limit.
         budget_s: the whole job's wall-time promise.
 
@@ -147,19 +154,29 @@ def plan_demo(
     left = budget_s - measured.elapsed_s - RESERVE_S
     per_eval = EVAL_SHARE * left / 2
 
+    # Cheaper evaluations, most faithful first: shorter documents (down to MIN_EVAL_LENGTH), then a
+    # smaller corpus (every relevant document + MIN_DISTRACTORS others), then both further (64 tokens,
+    # half the distractors). The first that fits its share of the budget is taken.
     n_all = len(shape.doc_tokens)
-    length, n_docs = max_length, n_all
-    while _eval_tokens(shape, length, n_docs) / tps > per_eval and length > MIN_EVAL_LENGTH:
-        length = max(MIN_EVAL_LENGTH, length - 32)
+    floor = min(n_all, shape.n_relevant + MIN_DISTRACTORS)
+    low = min(n_all, shape.n_relevant + MIN_DISTRACTORS // 2)
+
+    def fit_docs(length: int, at_least: int) -> int:
+        mean = (_eval_tokens(shape, length, n_all) - shape.query_tokens) / max(n_all, 1)
+        return max(at_least, min(n_all, int((per_eval * tps - shape.query_tokens) / mean)))
+
+    ladder = [(n, n_all) for n in range(max_length, MIN_EVAL_LENGTH - 1, -32)] or [(max_length, n_all)]
+    short = min(max_length, MIN_EVAL_LENGTH)
+    ladder += [(short, fit_docs(short, floor)), (64, fit_docs(64, floor)), (64, fit_docs(64, low))]
+    length, n_docs = next(
+        ((n, d) for n, d in ladder if _eval_tokens(shape, n, d) / tps <= per_eval), ladder[-1]
+    )
     if length < max_length:
         reasons.append(
             f"evaluation documents cut to {length} tokens (recipe: {max_length}) so that the before and "
             f"after evaluations fit {EVAL_SHARE:.0%} of the time left"
         )
-    if _eval_tokens(shape, length, n_docs) / tps > per_eval:
-        mean = _eval_tokens(shape, length, n_all) - shape.query_tokens
-        fit = int((per_eval * tps - shape.query_tokens) / (mean / n_all))
-        n_docs = max(shape.n_relevant + MIN_DISTRACTORS, min(n_all, fit))
+    if n_docs < n_all:
         reasons.append(
             f"evaluation corpus: {n_docs} of {n_all} documents — every relevant one ({shape.n_relevant}) plus "
             f"{n_docs - shape.n_relevant} fixed random others, the same set before and after (scores on a "
@@ -167,10 +184,23 @@ def plan_demo(
         )
     if length == max_length and n_docs == n_all:
         reasons.append(f"evaluation: the full held-out set at {length} tokens fits the budget")
+    if _eval_tokens(shape, length, n_docs) / tps > per_eval:
+        reasons.append(
+            "this machine is too slow for the 10-minute promise even with the cheapest honest evaluation"
+        )
     eval_s = _eval_tokens(shape, length, n_docs) / tps
     train_s = max(0.0, left - 2 * eval_s)
-    step_s = TRAIN_COST * train_tokens_per_step / tps
+    p_len = p_max_len
+    step_s = TRAIN_COST * train_tokens_per_step(p_len) / tps
+    while train_s // step_s < min(MIN_STEPS, max_steps) and p_len > MIN_TRAIN_LENGTH:
+        p_len = max(MIN_TRAIN_LENGTH, p_len - 32)
+        step_s = TRAIN_COST * train_tokens_per_step(p_len) / tps
     steps = min(max_steps, int(train_s // step_s))
+    if p_len < p_max_len:
+        reasons.append(
+            f"training passages cut to {p_len} tokens (recipe: {p_max_len}) so that more steps fit "
+            f"(at {p_max_len} tokens: ~{int(train_s // (TRAIN_COST * train_tokens_per_step(p_max_len) / tps))})"
+        )
     reasons.append(
         f"training: {train_s:.0f} s left after set-up and both evaluations, ~{step_s:.1f} s per step "
         f"predicted ({TRAIN_COST:g}x a forward pass) -> ~{steps} steps (recipe: up to {max_steps})"
@@ -184,6 +214,7 @@ def plan_demo(
         train_s=train_s,
         step_s=step_s,
         steps=steps,
+        p_max_len=p_len,
         time_budget_s=left,
         reasons=reasons,
     )
@@ -205,6 +236,7 @@ def apply_plan(cfg: Any, plan: Plan, overrides: list[str]) -> None:
     if not bf16 and str(cfg.model.dtype) in ("bfloat16", "torch.bfloat16"):
         put(cfg.model, "dtype", "model.dtype", "float32")  # bf16 weights run bf16 matmuls
     put(cfg.model, "max_length", "model.max_length", plan.eval_max_length)
+    put(cfg.data, "p_max_len", "data.p_max_len", plan.p_max_len)
     sched = cfg.step_scheduler
     put(sched, "max_time_minutes", "step_scheduler.max_time_minutes", plan.time_budget_s / 60)
     if cfg.validation is not None:
@@ -236,8 +268,24 @@ def _eval_shape(cfg: Any, tokenizer: Any) -> tuple[EvalShape, list[str]]:
     return shape, [docs[i] for i in longest[:4]]
 
 
-def _measure(cfg: Any, t_start: float) -> tuple[Measured, EvalShape, float]:
-    """Load the model once, time its encoding in each precision worth timing; (measured, shape, step tokens)."""
+def step_tokens(cfg: Any, shape: EvalShape) -> Callable[[int], float]:
+    """Tokens one training step processes, for a passage length: queries and passages at padded length.
+
+    Held-out documents stand in for training passages (the same kind of text); a batch pads to its
+    longest text, so the padded length is close to the cut for long documents.
+    """
+    d, batch = cfg.data, cfg.step_scheduler.global_batch_size
+    q_len = min(d.q_max_len, 1.5 * shape.query_tokens / max(shape.n_queries, 1))
+
+    def tokens(p_len: int) -> float:
+        p_mean = sum(min(n, p_len) for n in shape.doc_tokens) / max(len(shape.doc_tokens), 1)
+        return batch * (q_len + d.n_passages * min(p_len, 1.2 * p_mean))
+
+    return tokens
+
+
+def _measure(cfg: Any, t_start: float) -> tuple[Measured, EvalShape]:
+    """Load the model once, time its encoding in each precision worth timing; (measured, held-out shape)."""
     import gc
 
     import torch
@@ -292,16 +340,9 @@ def _measure(cfg: Any, t_start: float) -> tuple[Measured, EvalShape, float]:
             f"bf16 not timed: this CPU has no bf16 instructions (neither AMX nor avx512_bf16), bf16 is "
             f"emulated — matmul fp32 {fp32:.0f} vs bf16 {bf16:.1f} GFLOP/s"
         )
-    # Tokens in one training step: the global batch's queries and passages at their padded lengths.
-    d = cfg.data
-    q_mean = shape.query_tokens / max(shape.n_queries, 1)
-    p_mean = sum(min(n, d.p_max_len) for n in shape.doc_tokens) / max(len(shape.doc_tokens), 1)
-    step_tokens = cfg.step_scheduler.global_batch_size * (
-        min(d.q_max_len, q_mean * 1.5) + d.n_passages * max(p_mean, min(d.p_max_len, p_mean * 1.2))
-    )
     del enc, feats
     gc.collect()
-    return Measured(tps, time.perf_counter() - t_start, tuple(notes)), shape, step_tokens
+    return Measured(tps, time.perf_counter() - t_start, tuple(notes)), shape
 
 
 # ---------------------------------------------------------------------------------- output folder
@@ -338,7 +379,7 @@ def prepare_output(cfg: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- run
-def _print_plan(plan: Plan, measured: Measured, shape: EvalShape) -> None:
+def _print_plan(cfg: Any, plan: Plan, measured: Measured, shape: EvalShape) -> None:
     from embedtune.machine import machine_info
 
     print(machine_info(measure=False).describe(), flush=True)
@@ -353,7 +394,11 @@ def _print_plan(plan: Plan, measured: Measured, shape: EvalShape) -> None:
             f"{shape.n_queries} queries x {plan.eval_docs} documents at {plan.eval_max_length} tokens, "
             f"~{plan.eval_s:.0f} s each (before and after)",
         ),
-        ("training", f"~{plan.steps} steps in ~{plan.train_s:.0f} s (~{plan.step_s:.1f} s/step)"),
+        (
+            "training",
+            f"~{plan.steps} steps of {cfg.step_scheduler.global_batch_size} queries, passages at "
+            f"{plan.p_max_len} tokens, in ~{plan.train_s:.0f} s (~{plan.step_s:.1f} s/step)",
+        ),
         (
             "budget",
             f"{measured.elapsed_s:.0f} s set-up + 2 x {plan.eval_s:.0f} s evaluation + {plan.train_s:.0f} s "
@@ -387,16 +432,17 @@ def run(args: argparse.Namespace) -> int:
     )
     plan = None
     if not args.no_plan and cfg.validation is not None:
-        measured, shape, step_tokens = _measure(cfg, t0)
+        measured, shape = _measure(cfg, t0)
         plan = plan_demo(
             measured,
             shape,
             max_length=cfg.model.max_length or 512,
-            train_tokens_per_step=step_tokens,
+            train_tokens_per_step=step_tokens(cfg, shape),
+            p_max_len=cfg.data.p_max_len,
             max_steps=cfg.step_scheduler.max_steps or 1000,
         )
         apply_plan(cfg, plan, list(args.overrides))
-        _print_plan(plan, measured, shape)
+        _print_plan(cfg, plan, measured, shape)
 
     from embedtune.training.monitor import read_metrics
     from embedtune.training.recipe import train
