@@ -95,12 +95,14 @@ def _run(args: argparse.Namespace, torch: Any) -> int:
     st.encode(texts[:8], batch_size=8)
 
     times: dict[str, list[float]] = {"embedtune": [], "sentence-transformers": []}
+    cpu: dict[str, list[float]] = {"embedtune": [], "sentence-transformers": []}
     outputs: dict[str, np.ndarray] = {}
     for _ in range(args.rounds):
         for name, fn in (("embedtune", run_ours), ("sentence-transformers", run_st)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             outputs[name] = np.asarray(fn(), dtype=np.float32)
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
 
     a, b = outputs["embedtune"], outputs["sentence-transformers"]
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -110,10 +112,18 @@ def _run(args: argparse.Namespace, torch: Any) -> int:
         f"all-MiniLM-L6-v2, {len(texts)} SciFact documents, batch {args.batch_size}, max_length "
         f"{args.max_length}, {prec}, {torch.get_num_threads()} threads, {args.rounds} rounds (median)"
     )
-    print(f"{'encoder':<24}{'docs/s':>10}{'ratio':>8}   seconds per round")
+    cpu_base = statistics.median(cpu["sentence-transformers"])
+    print(f"{'encoder':<24}{'docs/s':>10}{'ratio':>8}{'CPU s':>8}{'CPU ratio':>10}   seconds per round")
     for name, ts in times.items():
         rate = len(texts) / statistics.median(ts)
-        print(f"{name:<24}{rate:>10.1f}{rate / base:>7.2f}x   " + " ".join(f"{t:.1f}" for t in ts))
+        c = statistics.median(cpu[name])
+        print(
+            f"{name:<24}{rate:>10.1f}{rate / base:>7.2f}x{c:>8.1f}{cpu_base / c:>9.2f}x   "
+            + " ".join(f"{t:.1f}" for t in ts)
+        )
+    print(
+        "(ratio: speed vs sentence-transformers; CPU ratio: its CPU seconds / ours, robust to a busy machine)"
+    )
     diff = float(np.abs(a - b).max())
     verdict = "" if args.bf16 else ("  (within 1e-5)" if diff <= 1e-5 else "  (NOT within 1e-5)")
     print(f"embedding agreement: min cosine {cos.min():.6f}, max |diff| {diff:.2e}{verdict}")

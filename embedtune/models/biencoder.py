@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from embedtune.errors import EmbedtuneError
-from embedtune.models.encoding import encode_in_batches
+from embedtune.models.encoding import check_texts, encode_in_batches, token_lengths
 from embedtune.models.pooling import pool
 from embedtune.models.settings import EncoderSettings
 from embedtune.models.tokenization import tokenize_texts
@@ -157,6 +157,14 @@ class BiEncoder(nn.Module):
             feats = {k: v.to(device) for k, v in feats.items()}
             return self(**feats).float().cpu().numpy()
 
+        # Sort by tokens, not characters: batches of equal token counts carry less padding.
+        texts, prefixes = check_texts(texts, prefix)
+        lengths = token_lengths(
+            self.tokenizer,
+            texts,
+            self.settings.prefix_for(kind) if prefix is None else (prefix if prefixes is None else prefixes),
+            max_length=max_length or self.settings.max_length,
+        )
         was_training = self.training
         self.eval()
         try:
@@ -168,6 +176,7 @@ class BiEncoder(nn.Module):
                     prefix=prefix,
                     show_progress=show_progress,
                     desc=f"encode {kind}s",
+                    lengths=lengths,
                 )
         finally:
             self.train(was_training)
