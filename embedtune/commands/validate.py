@@ -23,16 +23,21 @@ def check(args: argparse.Namespace) -> None:
     from embedtune.commands._checks import check_recipe_source
 
     check_recipe_source(args.recipe)
+    from embedtune.commands.train import _nemo_converted
+
+    _nemo_converted(args)  # a NeMo AutoModel recipe is checked as the recipe it converts to
 
 
 def run(args: argparse.Namespace) -> int:
     """Print ``OK`` and a summary, or raise ``ConfigError`` naming the problem."""
     from embedtune.commands._checks import load_recipe
+    from embedtune.commands.train import _nemo_converted
     from embedtune.training.validate import check_recipe
 
+    _nemo_converted(args)
     cfg = load_recipe(args.recipe, args.overrides)
     notes = check_recipe(cfg, check_files=not args.no_files)
     for note in notes:
         print(f"  {note}")
-    print(f"OK: {args.recipe} is a valid recipe")
+    print(f"OK: {getattr(args, '_nemo_source', None) or args.recipe} is a valid recipe")
     return 0

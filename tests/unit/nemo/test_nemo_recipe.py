@@ -340,3 +340,21 @@ def test_bi_encoder_nemo_recipe_with_hf_data_trains_through_the_cli(tmp_path, mo
     out = capsys.readouterr().out
     assert out.count("NeMo AutoModel recipe converted") == 1 and "done: 2 steps" in out
     assert (tmp_path / "bi" / "model" / "config.json").is_file()
+
+
+def test_validate_checks_a_nemo_recipe_as_its_conversion(tmp_path, monkeypatch, capsys) -> None:
+    import yaml
+
+    from embedtune.cli import main
+
+    raw = _raw("llama_embed_nemotron_8b")
+    raw["dataloader"]["dataset"]["data_dir_list"] = [str(FIXTURES / "corpus_id_object" / "train.json")]
+    path = tmp_path / "nemo8b.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(path), "--no-files"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("NeMo AutoModel recipe converted") == 1 and f"OK: {path} is a valid recipe" in out
+    raw["model"]["_target_"] = "somewhere.Else"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(path)]) == 2
+    assert "model._target_: 'somewhere.Else' is not one of" in capsys.readouterr().err
