@@ -21,6 +21,7 @@ import copy
 import random
 import signal
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -510,7 +511,13 @@ def apply_lora(backbone: nn.Module, cfg: Any) -> nn.Module:
         bias="none",
     )
     try:
-        return get_peft_model(backbone, lora)
+        with warnings.catch_warnings():
+            # PEFT reads `model.is_gradient_checkpointing`, which transformers 5 deprecates in favour of
+            # `is_activation_checkpointing`: PEFT's own call, harmless, and nothing of ours to change.
+            warnings.filterwarnings(
+                "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+            )
+            return get_peft_model(backbone, lora)
     except ValueError as exc:
         names = sorted(
             {n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, nn.Linear)}

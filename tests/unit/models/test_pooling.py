@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sentence_transformers.sentence_transformer.modules import Pooling as STPooling
+
+try:  # sentence-transformers >= 6
+    from sentence_transformers.sentence_transformer.modules import Pooling as STPooling
+except ImportError:  # sentence-transformers 5.x (the lowest version pyproject.toml allows)
+    from sentence_transformers.models import Pooling as STPooling
 
 from embedtune.errors import ConfigError
 from embedtune.models.pooling import POOLING_METHODS, TO_SENTENCE_TRANSFORMERS, canonical_pooling, pool
