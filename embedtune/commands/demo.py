@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the recipe as written: no measuring, no re-planned precision or evaluation set",
     )
     parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=BUDGET_S / 60,
+        help="the whole job's wall-time budget that the plan fits (default: 10)",
+    )
+    parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="overrides, as for `embedtune train`"
     )
 
@@ -106,7 +112,13 @@ class Plan:
     steps: int  # predicted training steps (capped by the recipe's max_steps)
     p_max_len: int  # training passage length
     time_budget_s: float  # what the training loop may spend (its evaluations included)
+    needed_s: float  # the whole job at the cheapest plan with MIN_STEPS steps, at the measured speed
     reasons: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        """Whether the budget leaves room for training at all (one step or more)."""
+        return self.steps >= 1
 
 
 def _eval_tokens(shape: EvalShape, max_length: int, n_docs: int) -> float:
@@ -205,6 +217,7 @@ def plan_demo(
         f"training: {train_s:.0f} s left after set-up and both evaluations, ~{step_s:.1f} s per step "
         f"predicted ({TRAIN_COST:g}x a forward pass) -> ~{steps} steps (recipe: up to {max_steps})"
     )
+    needed = measured.elapsed_s + 2 * eval_s + min(MIN_STEPS, max_steps) * step_s + RESERVE_S
     return Plan(
         precision=precision,
         eval_max_length=length,
@@ -216,6 +229,7 @@ def plan_demo(
         steps=steps,
         p_max_len=p_len,
         time_budget_s=left,
+        needed_s=needed,
         reasons=reasons,
     )
 
@@ -379,14 +393,14 @@ def prepare_output(cfg: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- run
-def _print_plan(cfg: Any, plan: Plan, measured: Measured, shape: EvalShape) -> None:
+def _print_plan(cfg: Any, plan: Plan, measured: Measured, shape: EvalShape, budget_s: float) -> None:
     from embedtune.machine import machine_info
 
     print(machine_info(measure=False).describe(), flush=True)
     print("measured:")
     for note in measured.notes:
         print(f"  {note}")
-    print("plan (10-minute budget):")
+    print(f"plan ({budget_s / 60:g}-minute budget):")
     rows = [
         ("precision", plan.precision),
         (
@@ -440,9 +454,20 @@ def run(args: argparse.Namespace) -> int:
             train_tokens_per_step=step_tokens(cfg, shape),
             p_max_len=cfg.data.p_max_len,
             max_steps=cfg.step_scheduler.max_steps or 1000,
+            budget_s=60 * args.budget_minutes,
         )
         apply_plan(cfg, plan, list(args.overrides))
-        _print_plan(cfg, plan, measured, shape)
+        _print_plan(cfg, plan, measured, shape, 60 * args.budget_minutes)
+        if not plan.fits:
+            print(
+                f"embedtune demo: this machine is too slow right now for a {args.budget_minutes:g}-minute run "
+                f"(measured {max(measured.tokens_per_s.values()):,.0f} tokens/s; a busy shared machine counts). "
+                f"Nothing was trained. At this speed the job needs about {plan.needed_s / 60:.0f} minutes: "
+                f"rerun with --budget-minutes {math.ceil(plan.needed_s / 60)}, later on a quieter machine, or "
+                "with --recipe minilm_demo (a smaller model)",
+                flush=True,
+            )
+            return 1
 
     from embedtune.training.monitor import read_metrics
     from embedtune.training.recipe import train

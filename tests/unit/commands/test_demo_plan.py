@@ -127,3 +127,19 @@ def test_demo_never_deletes_a_checkpoint_dir_outside_its_marked_folder(tmp_path)
     with pytest.raises(EmbedtuneError, match="did not create"):
         prepare_output(cfg)
     assert (elsewhere / "step_5").is_dir()
+
+
+def test_a_machine_too_slow_for_any_training_is_told_how_long_it_would_need():
+    plan = _plan({"fp32": 29.0}, elapsed_s=103.0)  # measured on a badly overloaded 2-core machine
+    assert not plan.fits and plan.steps == 0
+    assert plan.needed_s > BUDGET_S
+    longer = plan_demo(
+        Measured({"fp32": 29.0}, 103.0),
+        SHAPE,
+        max_length=192,
+        train_tokens_per_step=step_tokens,
+        p_max_len=128,
+        max_steps=80,
+        budget_s=plan.needed_s * 1.2,
+    )
+    assert longer.fits  # the budget it names is enough
