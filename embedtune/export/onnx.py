@@ -43,14 +43,15 @@ from embedtune.export.errors import OnnxExportError, VerificationError, require_
 from embedtune.export.runtime import ONNX_FILE, OnnxBiEncoder, is_onnx_export
 from embedtune.export.verify import (
     MIN_COSINE,
+    NDCG_BUDGET_S,
     NDCG_MAX_LENGTH,
     VERIFY_TEXTS,
     ParityReport,
     SmallEvalSet,
     compare,
+    compare_ndcg,
     embed_batches,
     preserved_modes,
-    retrieval_ndcg,
     verification_batches,
 )
 from embedtune.models.settings import EncoderSettings
@@ -85,6 +86,10 @@ class ExportResult:
     """PyTorch vs the fp32 graph before int8 quantisation (int8 exports only)."""
     ndcg: dict[str, float] = field(default_factory=dict)
     """``{"fp32": x, "int8": y, "delta": y - x}`` on a small BEIR slice (int8 with evaluation data)."""
+    ndcg_slice: dict[str, Any] = field(default_factory=dict)
+    """What the NDCG check covered: ``{"name", "queries", "documents", "total_documents", "seconds"}``."""
+    min_cosine: float | None = None
+    """The gate the written model passed (worst cosine vs PyTorch); None without verification."""
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,6 +102,8 @@ class ExportResult:
             "verification": self.parity.to_dict() if self.parity else None,
             "fp32_verification": self.fp32_parity.to_dict() if self.fp32_parity else None,
             "ndcg@10": self.ndcg or None,
+            "ndcg_slice": self.ndcg_slice or None,
+            "min_cosine_gate": self.min_cosine,
         }
 
 
@@ -307,6 +314,7 @@ def export_onnx(
     min_cosine: float | None = None,
     texts: Sequence[str] | None = None,
     eval_set: SmallEvalSet | None = None,
+    eval_budget_s: float | None = NDCG_BUDGET_S,
     external_data: bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> ExportResult:
@@ -321,11 +329,14 @@ def export_onnx(
         quantize: "int8" for dynamic int8 quantisation of the fp32 graph, or None.
         opset: ONNX opset (17 by default).
         max_length: tokens per text saved in ``embedtune.json`` (default: the model's setting).
-        verify: compare PyTorch and ONNX Runtime on padded batches (both padding sides) and fail below
-            the cosine threshold (fp32 0.9999, fp16 0.999; int8 is reported, not failed).
-        min_cosine: override the failure threshold (any dtype, int8 included).
+        verify: compare PyTorch and ONNX Runtime on padded batches (both padding sides) and fail, writing
+            nothing, when the worst cosine falls below the gate (``verify.MIN_COSINE``: fp32 0.9999,
+            fp16 0.999, int8 0.95).
+        min_cosine: override the gate (any dtype, int8 included).
         texts: verification texts (default: a built-in set of mixed lengths).
         eval_set: a small BEIR slice for the int8 NDCG@10 comparison (see ``verify.small_beir_slice``).
+        eval_budget_s: stop the NDCG comparison after this many seconds and score the documents encoded
+            so far (None: no limit).
         external_data: force (True) or forbid (False) external weights; default: only over 2 GB.
         log: where progress lines go (default: the logger).
 
@@ -438,8 +449,8 @@ def export_onnx(
         if verify:
             if not reference:  # computed after the export so that a failing export fails fast
                 reference = embed_batches(bienc, batches)
-            # int8 has no fixed threshold (its cosine depends on the model); it is reported with NDCG.
-            threshold = min_cosine if min_cosine is not None else (None if quantize else MIN_COSINE[dtype])
+            threshold = min_cosine if min_cosine is not None else MIN_COSINE[quantize or dtype]
+            result.min_cosine = threshold
             if quantize is not None:
                 result.fp32_parity = compare(
                     reference,
@@ -447,23 +458,35 @@ def export_onnx(
                     batches,
                 )
                 say(result.fp32_parity.line("verify fp32 graph (before int8)"))
-                _fail_below(
-                    result.fp32_parity, MIN_COSINE["fp32"] if min_cosine is None else min_cosine, "fp32"
-                )
+                # The fp32 graph is held to the fp32 gate (a lower --min-cosine lowers it too).
+                _fail_below(result.fp32_parity, min(MIN_COSINE["fp32"], threshold), "fp32")
             onnx_enc = _session(final_dir, final_settings, bienc.tokenizer)
             result.parity = compare(reference, embed_batches(onnx_enc, batches), batches)
             label = f"verify {quantize or dtype}"
-            say(result.parity.line(label) + (f" (threshold {threshold})" if threshold is not None else ""))
-            if threshold is not None:
-                _fail_below(result.parity, threshold, quantize or dtype)
+            say(result.parity.line(label) + f" (gate {threshold})")
+            _fail_below(result.parity, threshold, quantize or dtype, gate_given=min_cosine is not None)
             if quantize is not None and eval_set is not None:
                 fp32_enc = _session(fp32_dir, final_settings, bienc.tokenizer)
                 length = min(settings.max_length, NDCG_MAX_LENGTH)
-                before = retrieval_ndcg(fp32_enc, eval_set, max_length=length)
-                after = retrieval_ndcg(onnx_enc, eval_set, max_length=length)
-                result.ndcg = {"fp32": before, quantize: after, "delta": after - before}
                 say(
-                    f"NDCG@10 on {eval_set.name}: fp32 {before:.4f}, {quantize} {after:.4f} (change {after - before:+.4f})"
+                    f"NDCG@10 check on {eval_set.name}: encoding {len(eval_set.doc_texts)} documents with the "
+                    f"fp32 and {quantize} graphs (budget {eval_budget_s or 'none'} s)"
+                )
+                cmp = compare_ndcg(
+                    fp32_enc, onnx_enc, eval_set, max_length=length, budget_s=eval_budget_s, log=say
+                )
+                result.ndcg = {"fp32": cmp.reference, quantize: cmp.candidate, "delta": cmp.delta}
+                result.ndcg_slice = {
+                    "name": eval_set.name,
+                    "queries": cmp.queries,
+                    "documents": cmp.documents,
+                    "total_documents": cmp.total_documents,
+                    "seconds": round(cmp.seconds, 1),
+                }
+                cover = "" if cmp.complete else f", first {cmp.documents} of {cmp.total_documents} documents"
+                say(
+                    f"NDCG@10 on {eval_set.name}{cover}: fp32 {cmp.reference:.4f}, {quantize} "
+                    f"{cmp.candidate:.4f} (change {cmp.delta:+.4f})"
                 )
             elif quantize is not None:
                 say("NDCG@10 check skipped: no evaluation data (pass --eval-data BEIR_FOLDER)")
@@ -472,7 +495,7 @@ def export_onnx(
                 {
                     k: v
                     for k, v in result.to_dict().items()
-                    if k in ("verification", "fp32_verification", "ndcg@10")
+                    if k in ("verification", "fp32_verification", "ndcg@10", "ndcg_slice", "min_cosine_gate")
                 }
             )
             final_settings.save(final_dir)
@@ -491,7 +514,19 @@ def _session(folder: Path, settings: EncoderSettings, tokenizer: Any) -> OnnxBiE
     return OnnxBiEncoder(session, tokenizer, settings, folder)
 
 
-def _fail_below(report: ParityReport, threshold: float, label: str) -> None:
+def _fail_below(report: ParityReport, threshold: float, label: str, *, gate_given: bool = True) -> None:
+    if report.min_cosine >= threshold:
+        return
+    if label == "int8":
+        how = (
+            "pass a lower --min-cosine to accept it" if gate_given else f"--min-cosine (default {threshold})"
+        )
+        raise VerificationError(
+            f"the int8 ONNX model is too far from the PyTorch embeddings: worst cosine "
+            f"{report.min_cosine:.6f} < gate {threshold} (mean {report.mean_cosine:.6f}). Nothing was written. "
+            f"Export fp32 (drop --quantize), or accept the loss with {how}"
+            + ("" if gate_given else f", e.g. --min-cosine {max(0.0, report.min_cosine - 0.005):.2f}")
+        )
     if report.min_cosine < threshold:
         raise VerificationError(
             f"the {label} ONNX model does not reproduce the PyTorch embeddings: min cosine "

@@ -194,6 +194,27 @@ def test_int8_export_is_quantised_smaller_verified_and_reports_ndcg_change(expor
     assert result.ndcg["fp32"] == pytest.approx(
         retrieval_ndcg(OnnxBiEncoder.from_pretrained(fp32.folder), eval_set)
     )
+    assert result.ndcg_slice["documents"] == result.ndcg_slice["total_documents"] == len(docs)
+    assert info["min_cosine_gate"] == 0.95 and result.parity.min_cosine >= 0.95
+
+
+def test_int8_below_the_gate_fails_writes_nothing_and_keeps_an_earlier_export(tmp_path):
+    model = AutoBiEncoder.from_pretrained("tiny-bert", query_prefix="query: ")
+    out = tmp_path / "int8"
+    first = export_onnx(model, out, quantize="int8", min_cosine=0.0)  # any int8 model passes a gate of 0
+    worst, mean = first.parity.min_cosine, first.parity.mean_cosine
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert worst < 1.0
+    gate = round(worst + (1.0 - worst) / 2, 9)  # just above what this model reaches
+    with pytest.raises(VerificationError) as err:
+        export_onnx(model, out, quantize="int8", min_cosine=gate)
+    text = str(err.value)
+    assert f"< gate {gate}" in text and "worst cosine" in text and f"mean {mean:.6f}" in text
+    assert "Nothing was written" in text
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(VerificationError, match="worst cosine"):
+        export_onnx(model, tmp_path / "new", quantize="int8", min_cosine=gate)
+    assert not (tmp_path / "new").exists()
 
 
 def test_external_data_export_gives_the_same_embeddings(exports):
