@@ -117,6 +117,7 @@ def test_faiss_flat_matches_exact_search():
     assert all(r not in i1[r].tolist() for r in range(20))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_search_equals_cpu_search():
     g = torch.Generator().manual_seed(3)
