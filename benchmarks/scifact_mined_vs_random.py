@@ -280,7 +280,8 @@ def main() -> int:
     if not args.skip_reranker:
         from embedtune.reranker.evaluate import evaluate_reranking
         from embedtune.reranker.model import CrossEncoderReranker
-        from embedtune.reranker.train import RerankConfig, train_reranker
+        from embedtune.reranker.train import train_reranker
+        from embedtune.training.config import load_train_config
 
         flat = (
             np.concatenate([np.asarray(n, dtype=np.int64) for n in neg_lists])
@@ -291,24 +292,32 @@ def main() -> int:
         train_mined = dataclasses.replace(train, neg_rows=flat, neg_offsets=offsets)
         results["rerank"] = []
         for lr in [float(x) for x in args.reranker_lr.split(",")]:
-            cfg = RerankConfig(
-                model=args.reranker_model or args.model,
-                data=str(args.data),
-                output_dir=str(out / f"reranker_lr{lr:g}"),
-                max_length=args.reranker_max_length,
-                group_size=args.reranker_group,
-                batch_size=args.reranker_batch,
-                num_epochs=args.reranker_epochs,
-                bf16=args.bf16,
-                seed=seeds[0],
-                resume=False,
-                log_every_steps=100,
-                device="cuda" if device == "cuda" else "cpu",
+            cfg = load_train_config(
+                {
+                    "recipe": "rerank",
+                    "model": {
+                        "name_or_path": args.reranker_model or args.model,
+                        "max_length": args.reranker_max_length,
+                    },
+                    "data": {"datasets": [{"path": str(args.data)}], "n_passages": args.reranker_group},
+                    "output_dir": str(out / f"reranker_lr{lr:g}"),
+                    "optimizer": {"lr": lr},
+                    "lr_scheduler": {"warmup_ratio": 0.1},
+                    "step_scheduler": {
+                        "global_batch_size": args.reranker_batch,
+                        "num_epochs": args.reranker_epochs,
+                        "log_every_steps": 100,
+                    },
+                    "bf16": args.bf16,
+                    "seed": seeds[0],
+                    "device": "cuda" if device == "cuda" else "cpu",
+                    "logging": {"progress_bar": False, "plot": False, "tensorboard": False},
+                }
             )
-            cfg.optimizer = dataclasses.replace(cfg.optimizer, lr=lr)
-            rr = train_reranker(cfg, data=train_mined)
+            rr = train_reranker(cfg, data=[train_mined])
             log(
-                f"reranker lr={lr:g} trained: {rr.steps} steps, loss {rr.final_loss:.4f}, {rr.elapsed_s:.0f}s"
+                f"reranker lr={lr:g} trained: {rr.state.step} steps, loss {rr.losses[-1]:.4f}, "
+                f"{rr.state.elapsed_s:.0f}s"
             )
             reranker = CrossEncoderReranker.from_pretrained(rr.model_dir, device=device)
             ev = evaluate_reranking(

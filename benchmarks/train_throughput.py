@@ -150,7 +150,7 @@ def worker(args: argparse.Namespace) -> dict:
             collated = recipe.data.collator(items)
             for key in ("query", "passages"):
                 lengths.extend(collated[key]["attention_mask"].sum(1).tolist())
-            loss, _ = recipe._train_step(collated)
+            loss, _ = recipe.train_step([collated])
             return loss
 
     lengths: list[int] = []

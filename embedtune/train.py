@@ -56,10 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_rank(args: argparse.Namespace) -> int:
     """Train as one rank of a torchrun job; returns 0, or 143/130 after a signal (all ranks saved)."""
     from embedtune.training.config import load_train_config
-    from embedtune.training.distributed_recipe import train_distributed
+    from embedtune.training.recipe import train
 
     cfg = load_train_config(args.recipe, args.overrides)  # every rank fails fast on a bad recipe
-    result = train_distributed(cfg)
+    result = train(cfg)
     if result.exit_code == 0 and os.environ.get("RANK", "0") == "0":
         print(f"done: {result.state.step} steps ({result.stop_reason}); model saved to {result.model_dir}")
     return result.exit_code

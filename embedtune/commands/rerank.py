@@ -22,8 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     t = sub.add_parser("train", help="train a reranker from a YAML recipe with `recipe: rerank`")
-    t.add_argument("recipe", help="recipe YAML (keys: see embedtune.reranker.train.RerankConfig)")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optimizer.lr=5e-5 num_epochs=2")
+    t.add_argument(
+        "recipe", help="a training recipe (recipe: rerank is implied; see embedtune.reranker.train)"
+    )
+    t.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. optimizer.lr=5e-5 step_scheduler.num_epochs=2"
+    )
 
     e = sub.add_parser("eval", help="rerank a bi-encoder's top-k on an evaluation set and report the gain")
     e.add_argument("--reranker", required=True, help="reranker folder (or a backbone to score untrained)")
@@ -90,35 +94,36 @@ def check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the action."""
-    if args.action == "train":
-        from embedtune.reranker.train import load_rerank_config, train_reranker
+    if args.action in ("train", "distill"):
+        # One recipe schema and one loop: `rerank train` is `embedtune train` of a `recipe: rerank` recipe,
+        # `rerank distill` of one with a `distill:` block.
+        from embedtune.training.config import load_train_config
+        from embedtune.training.recipe import train
 
-        cfg = load_rerank_config(args.recipe, args.overrides)
-        result = train_reranker(cfg)
-        print(
-            json.dumps(
-                {
-                    "model_dir": str(result.model_dir),
-                    "steps": result.steps,
-                    "final_loss": result.final_loss,
-                    "stop_reason": result.stop_reason,
-                },
-                indent=2,
-            )
-        )
-        return 0
-    if args.action == "eval":
-        return _eval(args)
-    if args.action == "distill":
-        from embedtune.training.distill import load_distill_config, train_with_distillation
+        overrides = list(args.overrides)
+        if args.action == "train":
+            overrides.append("recipe=rerank")
+        cfg = load_train_config(args.recipe, overrides)  # fails fast, before any model is loaded
+        if args.action == "distill" and cfg.distill is None:
+            from embedtune.errors import ConfigError
 
-        cfg = load_distill_config(args.recipe, args.overrides)  # fails fast, before any model is loaded
-        result = train_with_distillation(cfg)
+            raise ConfigError(f"{args.recipe}: distill: block missing — add distill: {{weight: 1.0, ...}}")
+        result = train(cfg)
         if result.exit_code == 0:
             print(
-                f"done: {result.state.step} steps ({result.stop_reason}); model saved to {result.model_dir}"
+                json.dumps(
+                    {
+                        "model_dir": str(result.model_dir),
+                        "steps": result.state.step,
+                        "final_loss": (result.losses or [float("nan")])[-1],
+                        "stop_reason": result.stop_reason,
+                    },
+                    indent=2,
+                )
             )
         return int(result.exit_code)
+    if args.action == "eval":
+        return _eval(args)
     if args.action == "score":
         from embedtune.reranker import CrossEncoderReranker
 

@@ -1,4 +1,5 @@
-"""``embedtune train RECIPE [key=value ...]``: fine-tune a bi-encoder from a recipe."""
+"""``embedtune train RECIPE [key=value ...]``: train from a recipe — a bi-encoder, distillation into one
+(a ``distill:`` block) or a cross-encoder reranker (``recipe: rerank``), on one process or under torchrun."""
 
 from __future__ import annotations
 
@@ -47,26 +48,10 @@ def _nemo_converted(args: argparse.Namespace) -> None:
     args._nemo_source, args.recipe = str(path), str(out)
 
 
-def _recipe_kind(recipe: str) -> str:
-    """``rerank`` (``recipe: rerank``), ``distill`` (a ``distill:`` block) or ``biencoder``."""
-    from pathlib import Path
-
-    from embedtune.config import read_yaml
-    from embedtune.recipes import recipe_path
-
-    path = Path(recipe) if Path(recipe).is_file() else recipe_path(recipe)
-    if path is None:
-        return "biencoder"  # load_train_config reports the missing file
-    raw = read_yaml(path)
-    if raw.get("recipe") == "rerank":
-        return "rerank"
-    return "distill" if "distill" in raw else "biencoder"
-
-
 def check(args: argparse.Namespace) -> None:
     """Recipe, overrides, model, data and output folder, before anything heavy is imported.
 
-    Rerank and distillation recipes are checked by their own loaders in ``run``.
+    One schema for every task (bi-encoder, ``distill:``, ``recipe: rerank``), so one check for all.
     """
     from embedtune.commands import _checks
     from embedtune.launch import check_launch_arguments
@@ -74,8 +59,6 @@ def check(args: argparse.Namespace) -> None:
     check_launch_arguments(args)
     _checks.check_recipe_source(args.recipe)
     _nemo_converted(args)
-    if _recipe_kind(args.recipe) != "biencoder":
-        return
     cfg = _checks.load_recipe(args.recipe, args.overrides)
     args.outputs = [cfg.output_dir]  # named by the CLI's error boundary when a write fails
     _checks.check_recipe_paths(cfg)
@@ -87,18 +70,6 @@ def run(args: argparse.Namespace) -> int:
     from embedtune.commands._checks import load_recipe
 
     _nemo_converted(args)
-    kind = _recipe_kind(args.recipe)
-    if kind in ("rerank", "distill"):  # the same command trains rerankers and distils from them
-        from embedtune.commands import rerank
-
-        return rerank.run(
-            argparse.Namespace(
-                action="train" if kind == "rerank" else "distill",
-                recipe=args.recipe,
-                overrides=args.overrides,
-                debug=args.debug,
-            )
-        )
     cfg = load_recipe(args.recipe, args.overrides)  # fails fast, before any model is loaded
 
     # Distributed: start N ranks through torchrun (each runs `python -m embedtune.train`), or, when
@@ -108,13 +79,12 @@ def run(args: argparse.Namespace) -> int:
     if launch_requested(args):
         check_before_launch(cfg, args)  # an unsplittable batch fails here, before N processes start
         return launch([args.recipe, *args.overrides], args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from embedtune.training.distributed_recipe import train_distributed as train
-    else:
-        from embedtune.training.recipe import train
+    # One loop for every task (bi-encoder, `distill:`, `recipe: rerank`) and every world size: as one of
+    # torchrun's ranks (WORLD_SIZE > 1) it joins the job, else it is the only process.
+    from embedtune.training.recipe import train
 
     result = train(cfg)
-    if result.exit_code == 0:
+    if result.exit_code == 0 and int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {result.state.step} steps ({result.stop_reason}); model saved to {result.model_dir}")
         if result.adapter_dir is not None and result.adapter_dir != result.model_dir:
             print(f"LoRA adapter saved to {result.adapter_dir}")

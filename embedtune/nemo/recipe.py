@@ -58,16 +58,16 @@ KEYS: dict[str, str] = {
     "recipe": "TrainBiEncoderRecipe → bi-encoder recipe; TrainCrossEncoderRecipe → `recipe: rerank`",
     "seed": "seed (and data.seed unless the dataset gives its own)",
     "temperature": "loss.temperature (NeMo's default when absent: 1.0)",
-    "step_scheduler.global_batch_size": "step_scheduler.global_batch_size (rerank: batch_size)",
-    "step_scheduler.local_batch_size": "step_scheduler.local_batch_size (rerank: micro_batch_size)",
+    "step_scheduler.global_batch_size": "step_scheduler.global_batch_size",
+    "step_scheduler.local_batch_size": "step_scheduler.local_batch_size",
     "step_scheduler.num_epochs": "step_scheduler.num_epochs",
     "step_scheduler.max_steps": "step_scheduler.max_steps",
-    "step_scheduler.ckpt_every_steps": "step_scheduler.ckpt_every_steps (rerank: ckpt_every_steps)",
+    "step_scheduler.ckpt_every_steps": "step_scheduler.ckpt_every_steps",
     "step_scheduler.val_every_steps": "ignored: NeMo's validation is not converted (see validation_dataset)",
     "dist_env.backend": "distributed.backend",
     "dist_env.timeout_minutes": "distributed.timeout_minutes",
     "model._target_": "allowlisted: bi-encoder or cross-encoder",
-    "model.pretrained_model_name_or_path": "model.name_or_path (rerank: model)",
+    "model.pretrained_model_name_or_path": "model.name_or_path",
     "model.pooling": "model.pooling (avg → mean; weighted_avg, a sum, → mean under L2; colbert refused)",
     "model.l2_normalize": "model.normalize",
     "model.torch_dtype": "bf16: true over fp32 weights (see the master-weights difference)",
@@ -92,7 +92,7 @@ KEYS: dict[str, str] = {
     "dataset.model_type": "bi_encoder/biencoder or cross_encoder: must agree with the recipe",
     "dataset.data_dir_list": "data.datasets (paths, hf:// URIs, {path, num_samples}, [num_samples, path])",
     "dataset.data_type": "train only",
-    "dataset.n_passages": "data.n_passages (rerank: group_size)",
+    "dataset.n_passages": "data.n_passages (rerank: the group size)",
     "dataset.seed": "data.seed",
     "dataset.do_shuffle": "ignored: only acts with max_train_samples in NeMo; embedtune shuffles each epoch",
     "dataset.use_dataset_instruction": "data.use_dataset_instruction",
@@ -107,8 +107,8 @@ KEYS: dict[str, str] = {
     "dataloader.collate_fn.pad_to_multiple_of": "data.pad_to_multiple_of",
     "dataloader.collate_fn.padding": "longest/true only",
     "dataloader.collate_fn.use_dataset_instruction": "data.use_dataset_instruction (with the dataset's)",
-    "dataloader.collate_fn.rerank_max_length": "max_length (rerank)",
-    "dataloader.collate_fn.prompt_template": "template (rerank; NeMo's default when absent)",
+    "dataloader.collate_fn.rerank_max_length": "model.max_length (rerank: tokens per pair)",
+    "dataloader.collate_fn.prompt_template": "cross_encoder.template (rerank; NeMo's default when absent)",
     "dataloader.shuffle": "true only (embedtune shuffles every epoch, seeded)",
     "dataloader.num_workers": "ignored: embedtune's loader",
     "optimizer._target_": "allowlisted: optimizer.name adamw",
@@ -722,31 +722,35 @@ def _cross_recipe(
         "LlamaBidirectionalForSequenceClassification does, for Llama backbones; other backbones use "
         "transformers' own head"
     )
-    r.differences.append(
-        "negatives: the reranker fills a short negative list with random corpus documents; NeMo repeats "
-        "the list"
-    )
-    out: dict[str, Any] = {
-        "recipe": "rerank",
-        "model": model["pretrained_model_name_or_path"],
-        "data": datasets[0]["path"] if len(datasets) == 1 else [d["path"] for d in datasets],
-        "output_dir": output_dir,
-        "template": collate.get("prompt_template", NEMO_TEMPLATE),
-        "pooling": "avg",  # NeMo's LlamaBidirectionalForSequenceClassification head
-        "max_length": int(collate.get("rerank_max_length", 512)),
-        "group_size": n_passages,
-        "batch_size": int(sched.get("global_batch_size", 8)),
+    # The one recipe schema of every task (embedtune.training.config.TrainConfig) with `recipe: rerank`.
+    step_scheduler: dict[str, Any] = {
+        "global_batch_size": int(sched.get("global_batch_size", 8)),
         "num_epochs": int(sched.get("num_epochs", 1)),
+    }
+    for key in ("local_batch_size", "max_steps", "ckpt_every_steps"):
+        if sched.get(key) is not None:
+            step_scheduler[key] = int(sched[key])
+    return {
+        "recipe": "rerank",
+        "model": {
+            "name_or_path": model["pretrained_model_name_or_path"],
+            "max_length": int(collate.get("rerank_max_length", 512)),
+        },
+        "cross_encoder": {
+            "template": collate.get("prompt_template", NEMO_TEMPLATE),
+            "pooling": "avg",  # NeMo's LlamaBidirectionalForSequenceClassification head
+        },
+        # NeMo repeats a short negative list to fill a group; so does `fill_negatives: repeat`.
+        "data": {
+            "datasets": [{"path": d["path"]} for d in datasets],
+            "n_passages": n_passages,
+            "fill_negatives": "repeat",
+        },
+        "output_dir": output_dir,
+        "step_scheduler": step_scheduler,
         "optimizer": optimizer,
         "lr_scheduler": lr_scheduler,
         "max_grad_norm": max_grad_norm,
         "bf16": bf16,
         "seed": int(seed),
     }
-    if sched.get("local_batch_size") is not None:
-        out["micro_batch_size"] = int(sched["local_batch_size"])
-    if sched.get("max_steps") is not None:
-        out["max_steps"] = int(sched["max_steps"])
-    if sched.get("ckpt_every_steps") is not None:
-        out["ckpt_every_steps"] = int(sched["ckpt_every_steps"])
-    return out

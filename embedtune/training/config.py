@@ -23,6 +23,8 @@ Strategy = Literal["ddp", "fsdp2"]
 
 __all__ = [
     "CheckpointConfig",
+    "CrossEncoderConfig",
+    "DistillConfig",
     "DistributedConfig",
     "GradCacheConfig",
     "LRSchedulerConfig",
@@ -335,8 +337,51 @@ class LoggingConfig:
 
 
 @dataclass
+class DistillConfig:
+    """The ``distill:`` block: add a KL term to a cross-encoder teacher's scores (null: no distillation)."""
+
+    weight: float = 1.0
+    """Weight of the KL term added to the contrastive loss."""
+    teacher_temperature: float = 1.0
+    """τ_t: teacher logits are divided by it before the softmax."""
+    student_temperature: float | None = None
+    """τ_s: student scores are divided by it; null takes ``loss.temperature``."""
+    score_field: str = "ce_score"
+    """Field of each ``pos_doc``/``neg_doc`` entry that holds the teacher's score (``embedtune mine
+    --reranker`` writes ``ce_score``)."""
+    teacher: str | None = None
+    """Where teacher scores come from: a mined ``.json``/``.jsonl`` file holding ``score_field`` (usually
+    the training data itself), or a reranker folder to score every batch on the fly. null: the first
+    training data set's file."""
+    teacher_batch_size: int = 64
+    """Pairs per teacher forward pass (on-the-fly teacher only)."""
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"weight: must be >= 0, got {self.weight}")
+        if not self.teacher_temperature > 0:
+            raise ConfigError(f"teacher_temperature: must be > 0, got {self.teacher_temperature}")
+        if self.student_temperature is not None and not self.student_temperature > 0:
+            raise ConfigError(f"student_temperature: must be > 0, got {self.student_temperature}")
+
+
+@dataclass
+class CrossEncoderConfig:
+    """The ``cross_encoder:`` block, read by ``recipe: rerank`` only."""
+
+    template: str | None = None
+    """``null``: text-pair input (BERT-style, sentence-transformers compatible); or a prompt such as
+    ``"question:{query} \\n \\n passage:{passage}"`` (decoders). ``model.max_length`` (default 256) is
+    the tokens per (query, passage) pair and ``data.n_passages`` the group size (1 positive + negatives)."""
+    pooling: Literal["avg", "cls", "last"] | None = None
+    """``avg``/``cls``/``last``: NeMo AutoModel's cross-encoder head on a Llama backbone (pooled hidden
+    states through a bias-free score head); null: transformers' own head."""
+
+
+@dataclass
 class TrainConfig:
-    """A complete training recipe."""
+    """A complete training recipe: a bi-encoder (default), distillation (``distill:``) or a reranker
+    (``recipe: rerank``) — one schema, one loop (:mod:`embedtune.training.recipe`)."""
 
     model: ModelConfig
     """The backbone and how it becomes an encoder."""
@@ -376,6 +421,13 @@ class TrainConfig:
     """Where to train; ``auto`` picks CUDA when available."""
     num_threads: int | None = None
     """torch CPU threads (null: torch's default)."""
+    recipe: Literal["biencoder", "rerank"] = "biencoder"
+    """What to train: ``biencoder`` (contrastive; with a ``distill:`` block, distillation from a
+    reranker) or ``rerank`` (a cross-encoder, listwise loss over each query's group)."""
+    distill: DistillConfig | None = None
+    """KL distillation from a cross-encoder's scores (bi-encoder only; null: plain contrastive)."""
+    cross_encoder: CrossEncoderConfig = field(default_factory=CrossEncoderConfig)
+    """Input template of the cross-encoder (``recipe: rerank`` only)."""
 
     def __post_init__(self) -> None:
         check_master_weights(self)
@@ -383,6 +435,8 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm: must be > 0 or null, got {self.max_grad_norm}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads: must be >= 1, got {self.num_threads}")
+        if self.recipe == "rerank":
+            _check_rerank(self)
         sched = self.step_scheduler
         if self.gradcache.enabled and sched.local_batch_size not in (None, sched.global_batch_size):
             raise ConfigError(
@@ -400,6 +454,27 @@ class TrainConfig:
     def checkpoint_dir(self) -> Path:
         """The resolved checkpoint folder."""
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output_dir) / "checkpoints"
+
+
+def _check_rerank(cfg: TrainConfig) -> None:
+    """What ``recipe: rerank`` cannot combine with (each names the key to remove)."""
+    refuse = {
+        "distill": cfg.distill is not None,
+        "peft": cfg.peft is not None,
+        "validation": cfg.validation is not None,
+        "gradcache": cfg.gradcache.enabled,
+    }
+    for key, present in refuse.items():
+        if present:
+            raise ConfigError(
+                f"{key}: not supported with recipe: rerank (a cross-encoder trains all weights on a listwise "
+                f"loss); remove the {key} block, or train a bi-encoder (drop recipe: rerank)"
+            )
+    if cfg.data.n_passages < 2:
+        raise ConfigError(
+            f"data.n_passages: recipe: rerank needs a positive and at least one negative per query (>= 2), "
+            f"got {cfg.data.n_passages}"
+        )
 
 
 def check_master_weights(cfg: TrainConfig) -> None:

@@ -17,58 +17,28 @@ distributions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from embedtune.errors import ConfigError
-from embedtune.training.config import TrainConfig
-from embedtune.training.recipe import BiEncoderRecipe
+from embedtune.training.config import DistillConfig, TrainConfig
+from embedtune.training.parallel import Parallel
+from embedtune.training.tasks import BiEncoderTask, TrainingData
 
 __all__ = [
     "DistillConfig",
-    "DistillTrainConfig",
-    "DistillationRecipe",
+    "DistillTask",
     "OnlineTeacher",
+    "TeacherBatches",
     "TeacherScores",
     "distillation_kl",
     "group_scores",
-    "load_distill_config",
-    "train_with_distillation",
 ]
-
-
-@dataclass
-class DistillConfig:
-    """The ``distill:`` block of a training recipe (null: no distillation)."""
-
-    weight: float = 1.0
-    """Weight of the KL term added to the contrastive loss."""
-    teacher_temperature: float = 1.0
-    """τ_t: teacher logits are divided by it before the softmax."""
-    student_temperature: float | None = None
-    """τ_s: student scores are divided by it; null takes ``loss.temperature``."""
-    score_field: str = "ce_score"
-    """Field of each ``pos_doc``/``neg_doc`` entry that holds the teacher's score (``embedtune mine
-    --reranker`` writes ``ce_score``)."""
-    teacher: str | None = None
-    """Where teacher scores come from: a mined ``.json``/``.jsonl`` file holding ``score_field`` (usually
-    the training data itself), or a reranker folder to score every batch on the fly. null: the first
-    training data set's file."""
-    teacher_batch_size: int = 64
-    """Pairs per teacher forward pass (on-the-fly teacher only)."""
-
-    def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise ConfigError(f"weight: must be >= 0, got {self.weight}")
-        if not self.teacher_temperature > 0:
-            raise ConfigError(f"teacher_temperature: must be > 0, got {self.teacher_temperature}")
-        if self.student_temperature is not None and not self.student_temperature > 0:
-            raise ConfigError(f"student_temperature: must be > 0, got {self.student_temperature}")
 
 
 def group_scores(queries: Tensor, passages: Tensor, n_passages: int) -> Tensor:
@@ -227,154 +197,91 @@ class OnlineTeacher:
         return scores, torch.ones_like(scores, dtype=torch.bool)
 
 
-# ------------------------------------------------------------------------------ the recipe
+# ------------------------------------------------------------------------------ the task
 
 
-@dataclass
-class DistillTrainConfig(TrainConfig):
-    """A training recipe (every key of ``embedtune train``) plus an optional ``distill:`` block."""
+class TeacherBatches:
+    """The bi-encoder's training data with the teacher's scores as batch fields.
 
-    distill: DistillConfig | None = None
-    """KL distillation from a reranker's scores (null: plain contrastive training)."""
+    ``collate(epoch, positions)`` adds ``teacher`` (B, n_passages) float32 scores and ``teacher_mask``
+    (B, n_passages) bool (False: no score for that pair) for exactly the collated examples.
 
-
-def load_distill_config(
-    source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
-) -> DistillTrainConfig:
-    """Load a training recipe that may hold a ``distill:`` block.
-
-    Raises:
-        ConfigError: invalid recipe, naming the file and key.
+    Args:
+        data: the bi-encoder's :class:`~embedtune.training.tasks.TrainingData`.
+        teacher: :class:`TeacherScores` or :class:`OnlineTeacher`.
     """
-    from embedtune.config import load_config
 
-    return load_config(DistillTrainConfig, source, list(overrides))
-
-
-class _TeacherBatches:
-    """The recipe's ``TrainingData`` with teacher scores attached to every collated batch."""
-
-    def __init__(self, data: object, teacher: object) -> None:
+    def __init__(self, data: TrainingData, teacher: Any) -> None:
         self.data, self.teacher = data, teacher
 
     def __len__(self) -> int:
-        return len(self.data)  # type: ignore[arg-type]
+        return len(self.data)
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.data, name)
-
-    def batch(self, epoch: int, step_in_epoch: int, batch_size: int) -> dict:
-        ds = self.data.dataset  # type: ignore[attr-defined]
-        ds.set_epoch(epoch)
-        start = step_in_epoch * batch_size
-        items = [ds[i] for i in range(start, start + batch_size)]
-        out = self.data.collator(items)  # type: ignore[attr-defined]
-        out["teacher"], out["teacher_mask"] = self.teacher.matrix(  # type: ignore[attr-defined]
+    def collate(self, epoch: int, positions: Sequence[int]) -> dict[str, Any]:
+        """The collated examples plus ``teacher`` / ``teacher_mask``."""
+        items = self.data.items(epoch, positions)
+        out = self.data.collator(items)
+        out["teacher"], out["teacher_mask"] = self.teacher.matrix(
             [it.query for it in items], [list(it.passages) for it in items]
         )
         return out
 
-
-class _DistillLoss(torch.nn.Module):
-    """The recipe's contrastive loss + ``weight * distillation_kl`` on the current micro-batch's groups."""
-
-    def __init__(
-        self, base: torch.nn.Module, cfg: DistillConfig, student_temperature: float, recipe: object
-    ) -> None:
-        super().__init__()
-        self.base, self.cfg, self.tau_s, self.recipe = base, cfg, student_temperature, recipe
-        self.last_kl: float | None = None
-
-    def forward(
-        self,
-        queries: Tensor,
-        passages: Tensor,
-        *,
-        n_passages: int,
-        doc_ids: Tensor | None = None,
-        positive_ids: Tensor | None = None,
-        offset: int = 0,
-    ) -> Tensor:
-        loss = self.base(
-            queries,
-            passages,
-            n_passages=n_passages,
-            doc_ids=doc_ids,
-            positive_ids=positive_ids,
-            offset=offset,
-        )
-        teacher, mask = self.recipe._teacher_mb  # type: ignore[attr-defined]
-        b = queries.shape[0]
-        # This micro-batch's own groups: rows [offset * n, (offset + b) * n) of the passages.
-        own = passages[offset * n_passages : (offset + b) * n_passages]
-        student = group_scores(queries, own, n_passages)  # (b, n)
-        rows = mask.any(dim=1)
-        if rows.any() and self.cfg.weight > 0:
-            kl = distillation_kl(
-                student[rows.to(student.device)],
-                teacher[rows].to(student.device),
-                student_temperature=self.tau_s,
-                teacher_temperature=self.cfg.teacher_temperature,
-                mask=mask[rows].to(student.device),
-            )
-            self.last_kl = float(kl.detach())
-            loss = loss + self.cfg.weight * kl
-        return loss
+    def batch(self, epoch: int, step_in_epoch: int, batch_size: int) -> dict[str, Any]:
+        """The whole collated global batch number ``step_in_epoch`` of ``epoch`` (tests)."""
+        start = step_in_epoch * batch_size
+        return self.collate(epoch, range(start, start + batch_size))
 
 
-class DistillationRecipe(BiEncoderRecipe):
-    """``BiEncoderRecipe`` + a KL term to a reranker's scores (``distill:`` block of the recipe).
+class DistillTask(BiEncoderTask):
+    """The bi-encoder task + ``distill.weight * distillation_kl(student group scores, teacher scores)``.
 
-    Teacher scores travel with each collated batch (``teacher``, ``teacher_mask``: (B, n_passages)),
-    are sliced with the micro-batches, and the loss adds
-    ``distill.weight * distillation_kl(student group scores, teacher scores)``. With ``distill: null``
-    it is exactly the base recipe.
+    The KL term is computed per micro-batch from the *local* queries and their own groups (the teacher
+    scores each query's own passages only), so it needs no gather: under DDP the averaged gradient of
+    the per-rank means is the gradient of the global mean, as for the contrastive term. With GradCache
+    the term is part of the cached loss.
+
+    Args:
+        cfg: a recipe with a ``distill:`` block.
     """
 
-    def setup(self) -> None:
-        super().setup()
-        d = self.cfg.distill
-        if d is None:
-            return
-        self.data = _TeacherBatches(self.data, self._build_teacher(d))
-        tau_s = d.student_temperature or self.cfg.loss.temperature
-        self.loss_fn = _DistillLoss(self.loss_fn, d, tau_s, self)
+    def __init__(self, cfg: TrainConfig) -> None:
+        if cfg.distill is None:
+            raise ConfigError("distill: DistillTask needs a distill: block in the recipe")
+        super().__init__(cfg)
+        self.distill = cfg.distill
+        self.student_temperature = cfg.distill.student_temperature or cfg.loss.temperature
+        self.last_kl: float | None = None
 
-    def _build_teacher(self, d: DistillConfig) -> object:
+    def batches(self, model: nn.Module) -> TeacherBatches:
+        """The training data with teacher scores attached to every micro-batch."""
+        return TeacherBatches(super().batches(model), self._build_teacher(Parallel.unwrap(model)))
+
+    def _build_teacher(self, model: nn.Module) -> Any:
+        d = self.distill
         source = d.teacher or self.cfg.data.datasets[0].path
         if Path(source).is_dir() and not (Path(source) / "corpus.jsonl").is_file():
             from embedtune.reranker import CrossEncoderReranker
 
-            ce = CrossEncoderReranker.from_pretrained(source, device=self.device)
+            device = next(model.parameters()).device
+            ce = CrossEncoderReranker.from_pretrained(source, device=device)
             return OnlineTeacher(ce, batch_size=d.teacher_batch_size, bf16=self.cfg.bf16)
         return TeacherScores.from_mined_file(str(source), d.score_field)
 
-    def _micro_batches(self, batch: dict) -> object:
-        offset = 0
-        for mb in super()._micro_batches(batch):
-            if "teacher" in batch:
-                b = mb["query"]["input_ids"].shape[0]
-                mb["teacher"] = batch["teacher"][offset : offset + b]
-                mb["teacher_mask"] = batch["teacher_mask"][offset : offset + b]
-                offset += b
-            yield mb
-
-    def _negative_ids(self, mb: dict) -> Tensor | None:
-        # Called once per micro-batch right before its loss: the loss reads the teacher from here.
-        if "teacher" in mb:
-            self._teacher_mb = (mb["teacher"], mb["teacher_mask"])
-        return super()._negative_ids(mb)
-
-
-def train_with_distillation(cfg: DistillTrainConfig) -> Any:
-    """Run a whole recipe with distillation: setup, train, cleanup (``embedtune rerank distill``).
-
-    Returns:
-        The recipe's ``TrainResult``.
-    """
-    recipe = DistillationRecipe(cfg)
-    try:
-        recipe.setup()
-        return recipe.train()
-    finally:
-        recipe.cleanup()
+    def extra_loss(
+        self, queries: Tensor, passages: Tensor, batch: dict[str, Any], n_passages: int
+    ) -> Tensor | None:
+        """``weight * KL`` over the queries that have at least one teacher score (None: none has)."""
+        teacher, mask = batch["teacher"].to(queries.device), batch["teacher_mask"].to(queries.device)
+        rows = mask.any(dim=1)
+        if self.distill.weight == 0 or not bool(rows.any()):
+            return None
+        student = group_scores(queries, passages, n_passages)  # (b, n): each query's own group
+        kl = distillation_kl(
+            student[rows],
+            teacher[rows],
+            student_temperature=self.student_temperature,
+            teacher_temperature=self.distill.teacher_temperature,
+            mask=mask[rows],
+        )
+        self.last_kl = float(kl.detach())
+        return self.distill.weight * kl

@@ -1,29 +1,33 @@
-"""The training recipe: ``setup → train → cleanup``, readable top to bottom.
+"""The training recipe: ``setup → train → cleanup``, one loop for every task and every world size.
 
-``embedtune train recipe.yaml [key=value ...]`` runs :class:`BiEncoderRecipe`. One optimizer step:
+``embedtune train recipe.yaml [key=value ...]`` runs :class:`Recipe` with the task the recipe asks for
+(bi-encoder, distillation or cross-encoder reranker; :mod:`embedtune.training.tasks`) under the
+parallelism the process was started with (one process, or one rank of ``torchrun`` with DDP or FSDP2;
+:mod:`embedtune.training.parallel`). One optimizer step:
 
-1. take the next ``global_batch_size`` examples of the epoch (the data set is a pure function of
-   ``(seed, epoch, index)``, so the data position is just ``(epoch, step_in_epoch)``);
-2. tokenise them (query + positive + hard negatives, prefixes/instructions from the data config);
-3. forward + InfoNCE + backward, either per micro-batch (gradient accumulation) or over the whole batch
-   with GradCache; bf16 autocast when asked;
-4. refuse non-finite loss/gradients *before* the optimizer step; clip; step; schedule;
-5. log; checkpoint every N steps; validate every N steps (best checkpoint, early stopping);
-6. on SIGTERM/SIGINT: finish the step, checkpoint, exit 143/130.
+1. this rank's rows of the next ``global_batch_size`` examples, one micro-batch per accumulation step
+   (the data set is a pure function of ``(seed, epoch, index)``, so the data position is just
+   ``(epoch, step_in_epoch)``);
+2. per micro-batch: the task's forward + loss + backward (gradients reduced across ranks only after
+   the last one); bf16 autocast over float32 weights when asked;
+3. refuse a non-finite loss/gradient *before* the optimizer step (every rank agrees); clip; step;
+   schedule;
+4. log (rank 0; the loss is the mean over ranks); checkpoint every N steps; validate every N steps
+   (best checkpoint, early stopping);
+5. on SIGTERM/SIGINT (any rank): finish the step, checkpoint, exit 143/130 on every rank.
 
 Resuming restores model (LoRA: adapter) weights, optimizer, scheduler, every RNG state and the data
-position, so a resumed run is bitwise identical to an uninterrupted one on the same machine.
+position, so a resumed run is bitwise identical to an uninterrupted one on the same machine. Every
+checkpoint save/restore goes through :class:`RecipeCheckpoints` (one seam).
 """
 
 from __future__ import annotations
 
-import copy
+import math
 import random
 import signal
 import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,22 +35,37 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from torch import Tensor, nn
 
 from embedtune.config import config_to_dict
 from embedtune.errors import ConfigError, EmbedtuneError
-from embedtune.training.checkpoint import CheckpointManager, TrainState, capture_rng_state, restore_rng_state
+from embedtune.training.checkpoint import (
+    CheckpointManager,
+    DistributedCheckpointer,
+    TrainState,
+    capture_rng_state,
+    restore_rng_state,
+)
 from embedtune.training.config import TrainConfig
-from embedtune.training.gradcache import GradCache
-from embedtune.training.loss import build_loss, same_document_ids, sequence_fingerprints
+from embedtune.training.loss import same_document_ids
 from embedtune.training.monitor import TrainingMonitor
 from embedtune.training.optim import build_optimizer, build_scheduler
+from embedtune.training.parallel import Parallel, local_copy
+from embedtune.training.signals import EXIT_SIGINT, EXIT_SIGTERM, StopSignals, exit_code
+from embedtune.training.tasks import Task, apply_lora, task_for
 
-__all__ = ["BiEncoderRecipe", "NonFiniteError", "TrainResult", "same_document_ids", "train"]
-
-# Exit codes of a run stopped by a signal (128 + signal number, as shells report them).
-EXIT_SIGTERM = 143
-EXIT_SIGINT = 130
+__all__ = [
+    "EXIT_SIGINT",
+    "EXIT_SIGTERM",
+    "BiEncoderRecipe",
+    "NonFiniteError",
+    "Recipe",
+    "RecipeCheckpoints",
+    "TrainResult",
+    "apply_lora",
+    "same_document_ids",
+    "seed_everything",
+    "train",
+]
 
 
 class NonFiniteError(EmbedtuneError):
@@ -67,33 +86,8 @@ class TrainResult:
     """The saved LoRA adapter (PEFT format), when LoRA was used."""
     stop_reason: str = ""
     """Why training ended: ``max_steps``, ``epochs``, ``time_budget``, ``early_stopping``, ``signal``."""
-
-
-class TrainingData:
-    """The training set as batches addressed by ``(epoch, step_in_epoch)`` — no iterator state to save.
-
-    Args:
-        cfg: the recipe (its ``data`` block, seed and global batch size).
-        encoder: the model being trained (tokenizer, prefixes, pooling settings).
-    """
-
-    def __init__(self, cfg: TrainConfig, encoder: Any) -> None:
-        from embedtune.data.collator import BiEncoderCollator
-        from embedtune.data.dataset import TrainDataset
-
-        self.dataset = TrainDataset.from_config(
-            cfg.data, batch_size=cfg.step_scheduler.global_batch_size, seed=cfg.seed
-        )
-        self.collator = BiEncoderCollator.from_encoder(encoder, cfg.data)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def batch(self, epoch: int, step_in_epoch: int, batch_size: int) -> dict[str, Any]:
-        """The collated global batch number ``step_in_epoch`` of ``epoch``."""
-        self.dataset.set_epoch(epoch)
-        start = step_in_epoch * batch_size
-        return self.collator([self.dataset[i] for i in range(start, start + batch_size)])
+    losses: list[float] | None = None
+    """The logged loss of every step this process ran (rank 0: the mean over ranks)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -103,104 +97,187 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class BiEncoderRecipe:
-    """Contrastive fine-tuning of a bi-encoder.
+class _SilentMonitor:
+    """The monitor of ranks other than 0: every method (log, message, close, ...) does nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+class RecipeCheckpoints:
+    """The recipe's one seam for every checkpoint save and restore.
+
+    It saves and restores the recipe's parts (model or adapter weights, optimizer, scheduler, RNG,
+    :class:`TrainState` with the validator's state) and answers ``latest``/``best``. Today it writes
+    :class:`~embedtune.training.checkpoint.CheckpointManager` checkpoints in one process and
+    :class:`~embedtune.training.checkpoint.DistributedCheckpointer` (DCP) ones under ``torchrun``; the
+    one-format checkpointer of issue #11 replaces both behind these same methods.
+
+    Args:
+        recipe: the recipe whose parts are saved (read at each call, so replaced parts are seen).
+    """
+
+    def __init__(self, recipe: Recipe) -> None:
+        cfg, parallel = recipe.cfg, recipe.parallel
+        self.recipe = recipe
+        self.distributed = parallel.world_size > 1
+        if self.distributed:
+            self.store: Any = DistributedCheckpointer(
+                cfg.checkpoint_dir,
+                parallel.ctx,
+                keep_last=cfg.checkpoint.keep_last,
+                strategy=parallel.strategy,
+            )
+        else:
+            self.store = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
+
+    @property
+    def root(self) -> Path:
+        """The checkpoint folder."""
+        return Path(self.store.root)
+
+    def list(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        return self.store.list()
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        return self.store.latest()
+
+    def best(self) -> Path | None:
+        """The checkpoint marked best by validation, or None."""
+        return self.store.best()
+
+    def resolve(self, resume: str) -> Path:
+        """``latest``, ``best`` or a folder → a complete checkpoint (raises ``CheckpointError``)."""
+        return self.store.resolve(resume)
+
+    def saved_this_step(self) -> bool:
+        """True when the newest checkpoint is of the current step."""
+        latest = self.latest()
+        return latest is not None and latest.name == f"step_{self.recipe.state.step:08d}"
+
+    def save(self, *, is_best: bool = False) -> Path:
+        """Write a checkpoint of the current step (a collective under ``torchrun``)."""
+        r = self.recipe
+        if self.distributed:
+            return self.store.save(
+                r.model, r.optimizer, state=r.state, scheduler=r.scheduler.state_dict(), is_best=is_best
+            )
+        return self.store.save(
+            model=r.task.trainable_state(r.model),
+            optimizer=r.optimizer.state_dict(),
+            scheduler=r.scheduler.state_dict(),
+            state=r.state,
+            rng=capture_rng_state(),
+            is_best=is_best,
+        )
+
+    def restore(self, path: Path) -> TrainState:
+        """Restore model, optimizer, scheduler and RNG from ``path``; returns its train state."""
+        r = self.recipe
+        if self.distributed:
+            allow = r.cfg.distributed.resume_on_other_world_size
+            state, scheduler = self.store.load(path, r.model, r.optimizer, allow_world_change=allow)
+            r.scheduler.load_state_dict(scheduler)
+            return state
+        ck = self.store.load(path)
+        missing = set(r.task.trainable_state(r.model)) - set(ck.model)
+        if missing:
+            raise EmbedtuneError(
+                f"{path}: checkpoint does not match this recipe's model (missing {sorted(missing)[:3]}); "
+                "resume with the recipe that wrote it"
+            )
+        Parallel.unwrap(r.model).load_state_dict(ck.model, strict=False)
+        r.optimizer.load_state_dict(ck.optimizer)
+        r.scheduler.load_state_dict(ck.scheduler)
+        restore_rng_state(ck.rng)
+        return ck.state
+
+    def load_weights(self, path: Path) -> TrainState:
+        """Load only the model weights of ``path`` (the best checkpoint at the end)."""
+        r = self.recipe
+        if self.distributed:
+            state, _ = self.store.load(path, r.model, None, allow_world_change=True)
+            return state
+        ck = self.store.load(path)
+        Parallel.unwrap(r.model).load_state_dict(ck.model, strict=False)
+        return ck.state
+
+
+class Recipe:
+    """One training run: ``setup() → train() → cleanup()``.
 
     Args:
         cfg: a validated :class:`TrainConfig`.
+        task: what to train (default: :func:`~embedtune.training.tasks.task_for` ``(cfg)``).
+        parallel: how (default: joined from ``torchrun``'s environment, or the only process).
     """
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, task: Task | None = None, parallel: Parallel | None = None) -> None:
         self.cfg = cfg
+        self.task = task or task_for(cfg)
+        self._parallel = parallel
         self.out = Path(cfg.output_dir)
-        self._stop_signal: int | None = None
+        self.monitor: Any = None
+        self.stop = StopSignals()
         self._last_validation_s = 0.0
 
     # ============================================================================================ setup
     def setup(self) -> None:
-        """Load the model, apply LoRA, build data, loss, optimizer, schedule; restore a checkpoint."""
+        """Join the job, build the model, data, optimizer, schedule and checkpoints; maybe resume."""
         cfg = self.cfg
-        if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
-        self.device = torch.device(
-            "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-        )
-        # Seed before anything random is created (LoRA init, dropout), so runs are reproducible.
+        self.parallel = self._parallel or Parallel.from_env(cfg.distributed, device=cfg.device, bf16=cfg.bf16)
+        parallel = self.parallel
+        threads = cfg.num_threads or parallel.cpu_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        # Seed before anything random is created (LoRA init, a new score head, dropout): reproducible.
         seed_everything(cfg.seed)
-        self.model = self._load_model()
+        self.model = parallel.wrap(self.task.build_model(parallel))  # wrapped before the optimizer
         self.model.train()
 
-        self.data = self._load_data()
-        steps_per_epoch = len(self.data) // cfg.step_scheduler.global_batch_size
-        if steps_per_epoch < 1:
+        sched = cfg.step_scheduler
+        self.data = self.task.batches(self.model)
+        self.steps_per_epoch = len(self.data) // sched.global_batch_size
+        if self.steps_per_epoch < 1:
             raise EmbedtuneError(
-                f"step_scheduler.global_batch_size={cfg.step_scheduler.global_batch_size} is larger than the "
-                f"training set ({len(self.data)} examples); lower it"
+                f"step_scheduler.global_batch_size={sched.global_batch_size} is larger than the training set "
+                f"({len(self.data)} examples); lower it"
             )
-        self.steps_per_epoch = steps_per_epoch
-        self.total_steps = cfg.step_scheduler.max_steps or steps_per_epoch * cfg.step_scheduler.num_epochs
-
-        dims = cfg.loss.matryoshka_dims or []
-        if dims and max(dims) > self.model.dim:
-            raise ConfigError(
-                f"loss.matryoshka_dims: {max(dims)} exceeds the embedding size {self.model.dim}"
-            )
-        self.loss_fn = build_loss(cfg.loss, normalize=self.model.settings.normalize)
+        self.total_steps = sched.max_steps or self.steps_per_epoch * sched.num_epochs
+        # Which rows of every global batch this rank takes, per accumulation step.
+        self.plan = parallel.plan(
+            sched.global_batch_size, sched.local_batch_size, gradcache=self.task.whole_batch_per_rank
+        )
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, self.total_steps)
-        self.ckpt = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
         self.state = TrainState()
         self.validator = self._build_validator()
+        self.checkpoints = RecipeCheckpoints(self)
+        self._resume()
 
-        resume = cfg.checkpoint.resume
-        if resume == "auto":
-            resume = "latest" if self.ckpt.latest() is not None else None
-        if resume:
-            self._restore(self.ckpt.resolve(resume))
-        elif self.ckpt.list():
-            # Never mix two runs' checkpoints (rotation and `latest` would interleave them).
-            raise ConfigError(
-                f"checkpoint.resume: {self.ckpt.root} already holds checkpoints of an earlier run (latest: "
-                f"{self.ckpt.latest()}); continue it with checkpoint.resume=latest, or choose another "
-                "output_dir (or delete that folder) to start fresh"
+        if parallel.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "recipe.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            log = cfg.logging
+            self.monitor = TrainingMonitor(
+                self.out,
+                self.total_steps,
+                start_step=self.state.step,
+                progress_bar=log.progress_bar,
+                tensorboard=log.tensorboard,
             )
-
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "recipe.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        self.monitor = TrainingMonitor(
-            self.out,
-            self.total_steps,
-            start_step=self.state.step,
-            progress_bar=cfg.logging.progress_bar,
-            tensorboard=cfg.logging.tensorboard,
-        )
-
-    def _load_model(self) -> nn.Module:
-        from embedtune.models import AutoBiEncoder
-
-        m = self.cfg.model
-        enc = AutoBiEncoder.from_pretrained(
-            m.name_or_path,
-            pooling=m.pooling,
-            normalize=m.normalize,
-            query_prefix=m.query_prefix,
-            passage_prefix=m.passage_prefix,
-            pool_instruction=m.pool_instruction,
-            max_length=m.max_length,
-            padding_side=m.padding_side,
-            dtype=m.dtype,
-            attn_implementation=m.attn_implementation,
-            bidirectional=m.bidirectional,
-            device=self.device,
-        )
-        if self.cfg.peft is not None:
-            enc.backbone = apply_lora(enc.backbone, self.cfg.peft)
-        if m.gradient_checkpointing:
-            enc.gradient_checkpointing_enable()
-        return enc
-
-    def _load_data(self) -> TrainingData:
-        return TrainingData(self.cfg, self.model)
+        else:
+            self.monitor = _SilentMonitor()
+        self.stop = StopSignals(announce=self.monitor.message)
+        if parallel.world_size > 1 and parallel.is_main:
+            print(
+                f"{parallel.describe()}: global batch {sched.global_batch_size} = {self.plan.micro_batch_size} "
+                f"per rank per pass × {parallel.world_size} ranks × {self.plan.accumulation_steps} "
+                f"accumulation steps; cross-rank negatives {'on' if parallel.gathers_negatives else 'off'}",
+                flush=True,
+            )
 
     def _build_validator(self) -> Any:
         if self.cfg.validation is None:
@@ -209,51 +286,49 @@ class BiEncoderRecipe:
 
         return Validator(self.cfg.validation)
 
-    def _trainable_state(self) -> dict[str, Tensor]:
-        # LoRA: only the adapter (and any modules_to_save) — the frozen base is reloaded from its source.
-        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad} | {
-            n: b.detach() for n, b in self.model.named_buffers() if self.cfg.peft is None
-        }
-
-    def _restore(self, path: Path) -> None:
-        ck = self.ckpt.load(path)
-        missing = set(self._trainable_state()) - set(ck.model)
-        if missing:
-            raise EmbedtuneError(
-                f"{path}: checkpoint does not match this recipe's model (missing {sorted(missing)[:3]}); "
-                "resume with the recipe that wrote it"
-            )
-        self.model.load_state_dict(ck.model, strict=False)
-        self.optimizer.load_state_dict(ck.optimizer)
-        self.scheduler.load_state_dict(ck.scheduler)
-        restore_rng_state(ck.rng)
-        self.state = ck.state
+    def _resume(self) -> None:
+        ckpts, resume = self.checkpoints, self.cfg.checkpoint.resume
+        if resume == "auto":
+            resume = "latest" if ckpts.latest() is not None else None
+        if not resume:
+            if ckpts.list():
+                # Never mix two runs' checkpoints (rotation and `latest` would interleave them).
+                raise ConfigError(
+                    f"checkpoint.resume: {ckpts.root} already holds checkpoints of an earlier run (latest: "
+                    f"{ckpts.latest()}); continue it with checkpoint.resume=latest, or choose another "
+                    "output_dir (or delete that folder) to start fresh"
+                )
+            return
+        path = ckpts.resolve(resume)
+        self.state = ckpts.restore(path)
         if self.validator is not None and "validator" in self.state.extra:
             self.validator.load_state_dict(self.state.extra["validator"])
-        print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})", flush=True)
+        if self.parallel.is_main:
+            print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})", flush=True)
 
     # ============================================================================================ train
     def train(self) -> TrainResult:
-        """Run the training loop until the step/epoch/time budget, early stopping or a signal."""
-        cfg, st = self.cfg, self.state
-        sched = cfg.step_scheduler
+        """Run the loop until the step/epoch/time budget, early stopping or a stop signal."""
+        st, sched = self.state, self.cfg.step_scheduler
         reason = "max_steps" if sched.max_steps else "epochs"
+        losses: list[float] = []
         # The time budget covers the loop *and* its validations, so that a job with a before/after
         # evaluation (the demo) fits its budget: the last evaluation's duration is kept in reserve.
         t_start = time.perf_counter() - st.elapsed_s
         if self.validator is not None and self.validator.should_run(0) and st.step == 0:
             self._validate()
-        with self._signals_to_flag():
+        with self.stop:
             while st.step < self.total_steps:
                 t0 = time.perf_counter()
-                batch = self.data.batch(st.epoch, st.step_in_epoch, sched.global_batch_size)
-                loss, grad_norm = self._train_step(batch)
+                loss, grad_norm = self.train_step(self.local_batches(st.epoch, st.step_in_epoch))
+                losses.append(loss)
                 st.step += 1
                 st.step_in_epoch += 1
                 st.examples_seen += sched.global_batch_size
                 if st.step_in_epoch >= self.steps_per_epoch:
                     st.epoch, st.step_in_epoch = st.epoch + 1, 0
                 st.elapsed_s = time.perf_counter() - t_start
+                step_s = time.perf_counter() - t0
                 if st.step % sched.log_every_steps == 0 or st.step == self.total_steps:
                     self.monitor.log(
                         {
@@ -262,15 +337,16 @@ class BiEncoderRecipe:
                             "loss": loss,
                             "lr": self.scheduler.get_last_lr()[0],
                             "grad_norm": grad_norm,
-                            "examples_per_s": sched.global_batch_size / (time.perf_counter() - t0),
-                            "step_s": round(time.perf_counter() - t0, 4),
+                            "examples_per_s": sched.global_batch_size / step_s,
+                            "step_s": round(step_s, 4),
                             "elapsed_s": round(st.elapsed_s, 3),
                         }
                     )
+                # Every rank learns about a signal any rank received, after the same step.
+                signum = self.parallel.agree_signal(self.stop.received)
                 # Stop *before* the budget runs out: would one more step of this length overshoot it?
-                step_s = time.perf_counter() - t0
                 reserve = self._last_validation_s if self.validator is not None else 0.0
-                out_of_time = self._agree(
+                out_of_time = self.parallel.agree(
                     sched.max_time_minutes is not None
                     and st.elapsed_s + step_s + reserve > 60 * sched.max_time_minutes
                 )
@@ -280,134 +356,90 @@ class BiEncoderRecipe:
                     and self.validator.should_run(st.step, last_step=last)
                     and self._validate()
                 )
-                stop = ""
-                if self._stop_signal is not None:
-                    stop = "signal"
-                elif early:
-                    stop = "early_stopping"
-                elif out_of_time:
-                    stop = "time_budget"
+                stop = (
+                    "signal"
+                    if signum
+                    else "early_stopping"
+                    if early
+                    else "time_budget"
+                    if out_of_time
+                    else ""
+                )
                 periodic = sched.ckpt_every_steps and st.step % sched.ckpt_every_steps == 0
-                if (periodic or stop) and not self._saved_this_step():
-                    self._save_checkpoint()
+                if (periodic or stop) and not self.checkpoints.saved_this_step():
+                    self.checkpoints.save()
                 if stop:
                     reason = stop
                     break
         if reason == "signal":
-            sig = self._stop_signal
+            assert signum is not None
             self.monitor.message(
-                f"stopped by {signal.Signals(sig).name} after step {st.step}; checkpoint saved in "
-                f"{self.ckpt.latest()} — continue with checkpoint.resume=latest"
+                f"stopped by {signal.Signals(signum).name} after step {st.step}; checkpoint saved in "
+                f"{self.checkpoints.latest()} — continue with checkpoint.resume=latest"
             )
-            return TrainResult(
-                EXIT_SIGTERM if sig == signal.SIGTERM else EXIT_SIGINT, st, None, stop_reason=reason
-            )
-        if not self._saved_this_step():
-            self._save_checkpoint()
+            return TrainResult(exit_code(signum), st, None, stop_reason=reason, losses=losses)
+        if not self.checkpoints.saved_this_step():
+            self.checkpoints.save()
         model_dir, adapter_dir = self._save_final()
-        return TrainResult(0, st, model_dir, adapter_dir, stop_reason=reason)
+        return TrainResult(0, st, model_dir, adapter_dir, stop_reason=reason, losses=losses)
 
-    def _agree(self, flag: bool) -> bool:
-        """A stop decision taken from this process's clock; the distributed recipe makes all ranks agree."""
-        return flag
+    def local_batches(self, epoch: int, step_in_epoch: int) -> list[dict[str, Any]]:
+        """This rank's micro-batches of global batch ``step_in_epoch`` of ``epoch``, in accumulation order."""
+        start = step_in_epoch * self.cfg.step_scheduler.global_batch_size
+        return [self.data.collate(epoch, [start + i for i in rows]) for rows in self.plan.all_positions()]
 
-    def _micro_batches(self, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        b = batch["query"]["input_ids"].shape[0]
-        n = batch["passages"]["input_ids"].shape[0] // b
-        mb = b if self.cfg.gradcache.enabled else self.cfg.step_scheduler.micro_batch_size
-        for i in range(0, b, mb):
-            yield {
-                "query": {k: v[i : i + mb] for k, v in batch["query"].items()},
-                "passages": {k: v[i * n : (i + mb) * n] for k, v in batch["passages"].items()},
-                "doc_ids": batch["doc_ids"][i : i + mb],
-                "positive_ids": batch["positive_ids"][i : i + mb] if "positive_ids" in batch else None,
-            }
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> tuple[float, float]:
+        """Forward, backward, checks and the optimizer step for one global batch.
 
-    def _autocast(self) -> Any:
-        if not self.cfg.bf16:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        Returns:
+            (the loss of the global batch — the mean over ranks, the global gradient norm before clipping)
 
-    def _train_step(self, batch: dict[str, Any]) -> tuple[float, float]:
-        """Forward, backward, checks and the optimizer step for one global batch; returns (loss, grad norm)."""
-        cfg, st = self.cfg, self.state
-        model = self.model
+        Raises:
+            NonFiniteError: the loss or a gradient is not finite on any rank; nothing was stepped.
+        """
+        cfg, st, model, parallel = self.cfg, self.state, self.model, self.parallel
         self.optimizer.zero_grad(set_to_none=True)
-        micro = list(self._micro_batches(batch))
-        scale = 1.0 / len(micro)
+        scale = 1.0 / len(micro_batches)
         total = 0.0
-
-        def encode(x: dict[str, Tensor]) -> Tensor:
-            with self._autocast():
-                return model(
-                    x["input_ids"].to(self.device),
-                    x["attention_mask"].to(self.device),
-                    x["pooling_mask"].to(self.device),
-                )
-
-        for mb in micro:
-            n_passages = mb["passages"]["input_ids"].shape[0] // mb["query"]["input_ids"].shape[0]
-            ids = self._negative_ids(mb)
-            pos_ids = mb.get("positive_ids") if ids is not None else None
-
-            def loss_of(
-                q: Tensor,
-                p: Tensor,
-                n_passages: int = n_passages,
-                ids: Tensor = ids,
-                pos_ids: Tensor = pos_ids,
-            ) -> Tensor:
-                return self.loss_fn(q, p, n_passages=n_passages, doc_ids=ids, positive_ids=pos_ids, offset=0)
-
-            if cfg.gradcache.enabled:
-                # The model's device draws the dropout masks that each chunk's replay must repeat.
-                loss = GradCache(encode, cfg.gradcache.chunk_size, devices=[self.device])(
-                    mb["query"], mb["passages"], loss_of, scale
-                )
-            else:
-                loss = loss_of(encode(mb["query"]), encode(mb["passages"]))
-                if torch.isfinite(loss):
-                    (loss * scale).backward()
-            if not torch.isfinite(loss):
-                raise NonFiniteError(
-                    f"step {st.step + 1}: the loss is {loss.item()} (not finite); the optimizer step was not "
-                    f"taken. Lower optimizer.lr ({cfg.optimizer.lr}), enable max_grad_norm, or check the data; "
-                    f"the last good checkpoint is {self.ckpt.latest()}"
-                )
-            total += loss.item() * scale
-
+        for i, mb in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            # Gradients are reduced across ranks once, in the backward of the last micro-batch.
+            with parallel.no_sync(model) if not last else nullcontext():
+                loss = self.task.forward_backward(model, mb, parallel, scale=scale)
+            total += float(loss) * scale
+        if parallel.agree(not math.isfinite(total)):
+            raise NonFiniteError(
+                f"step {st.step + 1}: the loss is {total} (not finite); the optimizer step was not taken. "
+                f"Lower optimizer.lr ({cfg.optimizer.lr}), enable max_grad_norm, or check the data; the last "
+                f"good checkpoint is {self.checkpoints.latest()}"
+            )
         params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        grad_norm = parallel.clip(params, cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
             bad = next(
-                n for n, p in model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()
+                (
+                    n
+                    for n, p in model.named_parameters()
+                    if p.grad is not None and not local_copy(p.grad).isfinite().all()
+                ),
+                "a parameter on another rank",
             )
             raise NonFiniteError(
                 f"step {st.step + 1}: the gradient of {bad} is not finite; the optimizer step was not taken. "
-                f"Lower optimizer.lr or set max_grad_norm; the last good checkpoint is {self.ckpt.latest()}"
+                f"Lower optimizer.lr or set max_grad_norm; the last good checkpoint is {self.checkpoints.latest()}"
             )
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, grad_norm)
         self.optimizer.step()
         self.scheduler.step()
-        return total, float(grad_norm)
-
-    def _negative_ids(self, mb: dict[str, Any]) -> Tensor | None:
-        """(N, 2) keys for false-negative masking, [document ID, text fingerprint]: the loss counts two
-        passages as the same document when either matches (``loss.same_document_ids``)."""
-        if not self.cfg.loss.mask_false_negatives:
-            return None
-        doc_ids = mb["doc_ids"].reshape(-1)
-        fp = sequence_fingerprints(mb["passages"]["input_ids"], mb["passages"]["attention_mask"])
-        return torch.stack([doc_ids, fp], dim=1)
+        return parallel.mean(total), float(grad_norm)
 
     def _validate(self) -> bool:
-        """Run validation, save the best checkpoint; returns True when early stopping triggers."""
+        """Run validation (every rank: an FSDP2 forward is a collective), save the best checkpoint;
+        returns True when early stopping triggers."""
         st, validator = self.state, self.validator
         metric = self.cfg.validation.metric
         self.monitor.message(f"step {st.step}: validating on {self.cfg.validation.data} ...")
         t0 = time.perf_counter()
-        metrics = validator.run(self._inference_model(), st.step)
+        metrics = validator.run(self.task.inference_model(self.model, self.parallel), st.step)
         self._last_validation_s = time.perf_counter() - t0
         st.extra["validator"] = validator.state_dict()
         st.best_metric, st.best_step = validator.best_value, validator.best_step
@@ -417,36 +449,12 @@ class BiEncoderRecipe:
             f"at step {validator.best_step})"
         )
         if validator.improved and st.step > 0:
-            self._save_checkpoint(is_best=True)
+            self.checkpoints.save(is_best=True)
         return validator.should_stop
-
-    def _inference_model(self) -> nn.Module:
-        """The model to evaluate: for LoRA a merged *copy* (unmerged adapters encode ~2x slower; merging
-        the live model in place and back is not bit-exact, which would break exact resume)."""
-        if self.cfg.peft is None:
-            return self.model
-        from embedtune.models import BiEncoder
-
-        merged = copy.deepcopy(self.model.backbone).merge_and_unload()
-        return BiEncoder(merged, self.model.tokenizer, self.model.settings)
-
-    def _saved_this_step(self) -> bool:
-        latest = self.ckpt.latest()
-        return latest is not None and latest.name == f"step_{self.state.step:08d}"
-
-    def _save_checkpoint(self, is_best: bool = False) -> Path:
-        return self.ckpt.save(
-            model=self._trainable_state(),
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
-            state=self.state,
-            rng=capture_rng_state(),
-            is_best=is_best,
-        )
 
     def _save_final(self) -> tuple[Path, Path | None]:
         cfg = self.cfg
-        best = self.ckpt.best()
+        best = self.checkpoints.best()
         best_is_current = best is not None and best.name == f"step_{self.state.step:08d}"
         if (
             self.validator is not None
@@ -454,82 +462,35 @@ class BiEncoderRecipe:
             and best is not None
             and not best_is_current
         ):
-            ck = self.ckpt.load(best)
-            self.model.load_state_dict(ck.model, strict=False)
+            state = self.checkpoints.load_weights(best)
             self.monitor.message(
-                f"final model = best checkpoint (step {ck.state.step}, {cfg.validation.metric} "
+                f"final model = best checkpoint (step {state.step}, {cfg.validation.metric} "
                 f"{self.state.best_metric:.4f})"
             )
         self.model.eval()
-        adapter_dir = None
-        if cfg.peft is not None:
-            adapter_dir = self.model.save_pretrained(self.out / "adapter", merge_lora=False)
-            if not cfg.peft.merge_on_save:
-                return adapter_dir, adapter_dir
-        return self.model.save_pretrained(self.out / "model", merge_lora=True), adapter_dir
-
-    @contextmanager
-    def _signals_to_flag(self) -> Iterator[None]:
-        """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and exits."""
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._stop_signal is not None:  # a second signal: stop now
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-            self.monitor.message(f"received {signal.Signals(signum).name}: finishing this step, then saving")
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+        return self.task.save_final(self.model, self.out, self.parallel)
 
     # ========================================================================================= cleanup
     def cleanup(self) -> None:
-        """Close logs and write the loss plot."""
-        monitor = getattr(self, "monitor", None)
-        if monitor is not None:
-            val = self.cfg.validation
-            metrics = tuple(dict.fromkeys([val.metric, "recall@10"])) if val is not None else ()
-            monitor.close(plot=self.cfg.logging.plot, metrics=metrics)
+        """Close logs, write the loss plot, leave the process group."""
+        try:
+            if self.monitor is not None:
+                val = self.cfg.validation
+                metrics = tuple(dict.fromkeys([val.metric, "recall@10"])) if val is not None else ()
+                self.monitor.close(plot=self.cfg.logging.plot, metrics=metrics)
+        finally:
+            parallel = getattr(self, "parallel", None)
+            if parallel is not None and self._parallel is None:
+                parallel.close()
 
 
-def apply_lora(backbone: nn.Module, cfg: Any) -> nn.Module:
-    """Wrap ``backbone`` with PEFT LoRA adapters (only they are trainable).
-
-    Raises:
-        EmbedtuneError: ``target_modules`` matches no module of the backbone.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules="all-linear" if cfg.match_all_linear else list(cfg.target_modules),
-        bias="none",
-    )
-    try:
-        with warnings.catch_warnings():
-            # PEFT reads `model.is_gradient_checkpointing`, which transformers 5 deprecates in favour of
-            # `is_activation_checkpointing`: PEFT's own call, harmless, and nothing of ours to change.
-            warnings.filterwarnings(
-                "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
-            )
-            return get_peft_model(backbone, lora)
-    except ValueError as exc:
-        names = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, nn.Linear)}
-        )
-        raise EmbedtuneError(
-            f"peft.target_modules {cfg.target_modules}: {exc}. Linear layers of this model: {', '.join(names)}"
-        ) from None
+BiEncoderRecipe = Recipe
+"""The name of :class:`Recipe` before tasks existed (kept for existing callers)."""
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run a whole recipe: setup, train, cleanup."""
-    recipe = BiEncoderRecipe(cfg)
+def train(cfg: TrainConfig, *, task: Task | None = None, parallel: Parallel | None = None) -> TrainResult:
+    """Run a whole recipe — any task, one process or one ``torchrun`` rank: setup, train, cleanup."""
+    recipe = Recipe(cfg, task=task, parallel=parallel)
     try:
         recipe.setup()
         return recipe.train()

@@ -129,3 +129,31 @@ def final_weights(model_dir: Path) -> dict:
     for f in sorted(model_dir.glob("*.safetensors")):
         tensors.update(load_file(f))
     return tensors
+
+
+def teacher_reranker(path: Path) -> Path:
+    """A tiny cross-encoder saved to ``path`` (seeded: the same teacher every time), for distillation."""
+    if not (path / "embedtune_reranker.json").is_file():
+        import torch
+
+        from embedtune.reranker.model import CrossEncoderReranker
+
+        torch.manual_seed(0)
+        CrossEncoderReranker.from_pretrained("tiny-bert", max_length=48).save_pretrained(path)
+    return path
+
+
+def task_sections(task: str, tmp: Path, backbone: str = "tiny-llama") -> dict:
+    """The recipe blocks that select ``task`` (``biencoder``, ``distill``, ``rerank``) — one schema for all.
+
+    ``distill`` learns from a tiny cross-encoder scoring every batch on the fly; ``rerank`` trains
+    ``backbone`` itself as a cross-encoder (groups of ``data.n_passages``).
+    """
+    if task == "biencoder":
+        return {"model": {"name_or_path": backbone}}
+    if task == "distill":
+        teacher = teacher_reranker(tmp.parent / "teacher")
+        return {"model": {"name_or_path": backbone}, "distill": {"weight": 0.5, "teacher": str(teacher)}}
+    if task == "rerank":
+        return {"recipe": "rerank", "model": {"name_or_path": backbone, "max_length": 40}}
+    raise ValueError(task)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from _train_helpers import cli_env, final_weights, losses, tiny_recipe, train_cmd, write_recipe
+from _train_helpers import cli_env, final_weights, losses, task_sections, tiny_recipe, train_cmd, write_recipe
 
 # 40 examples / global batch 8 = 5 steps per epoch: max_steps 8 crosses the epoch boundary after step 5,
 # and the resumed part (from the checkpoint at step 4) runs across it.
@@ -17,7 +17,15 @@ CASES = {
     "bert-full": {"model": {"name_or_path": "tiny-bert"}},
     # tiny Llama with LoRA dropout 0.1: adapter-only checkpoints.
     "llama-lora": {"peft": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}},
+    # The other tasks of the one loop: distillation from a cross-encoder, and the cross-encoder itself.
+    "distill": "distill",
+    "rerank": "rerank",
 }
+
+
+def _sections(case: str, tmp) -> dict:
+    spec = CASES[case]
+    return task_sections(spec, tmp, backbone="tiny-bert") if isinstance(spec, str) else spec
 
 
 def _wait_for_step(run_dir, proc, step, timeout=240):
@@ -34,7 +42,7 @@ def _wait_for_step(run_dir, proc, step, timeout=240):
 def _uninterrupted(tmp_path, case):
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
-    recipe = tiny_recipe(ref_dir, **CASES[case])
+    recipe = tiny_recipe(ref_dir, **_sections(case, tmp_path))
     subprocess.run(
         train_cmd(write_recipe(ref_dir / "r.yaml", recipe)),
         check=True,
@@ -55,13 +63,16 @@ def _assert_same_run(run_dir, ref_dir):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize(
+    "case",
+    [c if isinstance(CASES[c], dict) else pytest.param(c, marks=pytest.mark.slow) for c in sorted(CASES)],
+)
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, case):
     ref = _uninterrupted(tmp_path, case)
 
     work = tmp_path / "killed"
     work.mkdir()
-    recipe_path = write_recipe(work / "r.yaml", tiny_recipe(work, **CASES[case]))
+    recipe_path = write_recipe(work / "r.yaml", tiny_recipe(work, **_sections(case, tmp_path)))
     run_dir = work / "run"
     # ckpt_every_steps=1 for this run would change nothing but checkpoint timing; keep 2 like the reference.
     proc = subprocess.Popen(
@@ -92,7 +103,7 @@ def test_sigterm_saves_exits_143_and_resumes_identically(tmp_path):
     ref = _uninterrupted(tmp_path, case)
     work = tmp_path / "term"
     work.mkdir()
-    recipe = tiny_recipe(work, **CASES[case])
+    recipe = tiny_recipe(work, **_sections(case, tmp_path))
     recipe["step_scheduler"]["ckpt_every_steps"] = 100  # only the signal makes a mid-run checkpoint
     recipe_path = write_recipe(work / "r.yaml", recipe)
     run_dir = work / "run"

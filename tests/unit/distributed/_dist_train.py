@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from _dist_workers import N_PASSAGES, synthetic_batch, tiny_encoder
 from embedtune.training import distributed as D
 from embedtune.training.checkpoint import TrainState
 from embedtune.training.loss import InfoNCELoss, LossConfig
+from embedtune.training.signals import StopSignals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     ctx = D.init_distributed(D.DistributedConfig(timeout_minutes=args.timeout_minutes), device="cpu")
-    stop: list[int] = []
-    previous = D.install_stop_handlers(lambda signum: stop.append(signum))
+    signals = StopSignals().__enter__()  # SIGTERM/SIGINT only set signals.received
     try:
         torch.manual_seed(args.seed)  # identical initial weights (LoRA init too) on every rank
         enc = tiny_encoder(args.dropout)
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             if ctx.rank == 1 and state.step == args.hang_rank1_at:
                 time.sleep(3600)  # alive but stuck (a deadlock, a hung device): only a timeout helps
             time.sleep(args.sleep)
-            sig = D.agree_on_signal(stop[0] if stop else None, ctx)
+            sig = D.agree_on_signal(signals.received, ctx)
             if sig or (args.ckpt_every and state.step % args.ckpt_every == 0):
                 ckpt.save(model, opt, state=state, scheduler=sched.state_dict())
             if sig:
@@ -127,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             D.save_consolidated(model, out / "model", ctx)
         return 0
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        signals.__exit__(None, None, None)
         D.destroy_distributed()
 
 

@@ -44,26 +44,3 @@ def test_cross_rank_loss_in_one_process_is_the_plain_loss():
     assert D.gather_with_grad(p) is p and D.all_gather_sizes(4) == [4]
     with pytest.raises(ValueError, match="make_ids"):
         D.cross_rank_loss(loss_fn, q, p, n_passages=3, doc_keys=[ids, ids])
-
-
-def test_the_distributed_recipe_on_one_process_trains_like_the_recipe(tmp_path, monkeypatch):
-    """The subclass changes nothing but the plumbing: same losses; checkpoints are DCP ones."""
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    from _train_helpers import losses, tiny_recipe
-
-    from embedtune.config import load_config
-    from embedtune.training.config import TrainConfig
-    from embedtune.training.distributed_recipe import train_distributed
-    from embedtune.training.recipe import train
-
-    runs = {}
-    for name, fn in (("plain", train), ("dist", train_distributed)):
-        r = tiny_recipe(tmp_path / name)
-        r["step_scheduler"].update(max_steps=2, ckpt_every_steps=None)
-        r["logging"] = {"progress_bar": False, "plot": False, "tensorboard": False}
-        result = fn(load_config(TrainConfig, r))
-        assert result.exit_code == 0
-        runs[name] = losses(tmp_path / name / "run")
-    assert runs["plain"] == runs["dist"] and len(runs["plain"]) == 2
-    assert (tmp_path / "dist" / "run" / "checkpoints" / "step_00000002" / "dcp" / ".metadata").is_file()

@@ -189,10 +189,6 @@ def test_embedtune_train_cli_launches_ranks(tmp_path):
 
 def test_time_budget_stops_every_rank_at_the_same_step(tmp_path):
     """Each rank measures its own clock; the stop is agreed, so no rank is left waiting in a collective."""
-    from embedtune.training.recipe import BiEncoderRecipe
-
-    if "_agree" not in vars(BiEncoderRecipe):
-        pytest.skip("the recipe does not agree on the time budget yet (integration pending)")
     recipe = _recipe(
         tmp_path, "run", step_scheduler={"max_steps": 500, "ckpt_every_steps": None, "max_time_minutes": 0.1}
     )

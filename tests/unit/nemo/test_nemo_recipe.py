@@ -30,12 +30,15 @@ def test_every_shipped_recipe_converts_and_validates(name: str) -> None:
     assert is_nemo_recipe(raw)
     conversion = convert_recipe(raw, name)
     if conversion.kind == "rerank":
-        from embedtune.reranker.train import load_rerank_config
+        from embedtune.training.config import load_train_config
 
-        cfg = load_rerank_config(conversion.recipe)
-        assert cfg.pooling == "avg" and cfg.template == "question:{query} \n \n passage:{passage}"
-        assert cfg.group_size == 5 and cfg.batch_size == 128 and cfg.micro_batch_size == 4
-        assert cfg.data == ["hf://nvidia/embed-nemotron-dataset-v1/FEVER",
+        cfg = load_train_config(conversion.recipe)  # one schema for every task
+        assert cfg.recipe == "rerank"
+        ce = cfg.cross_encoder
+        assert ce.pooling == "avg" and ce.template == "question:{query} \n \n passage:{passage}"
+        assert cfg.data.n_passages == 5 and cfg.data.fill_negatives == "repeat"
+        assert cfg.step_scheduler.global_batch_size == 128 and cfg.step_scheduler.local_batch_size == 4
+        assert [d.path for d in cfg.data.datasets] == ["hf://nvidia/embed-nemotron-dataset-v1/FEVER",
                             "hf://nvidia/embed-nemotron-dataset-v1/SyntheticClassificationData"]  # fmt: skip
         return
     from embedtune.training.config import load_train_config

@@ -117,7 +117,9 @@ def test_distillation_recipe_adds_exactly_the_weighted_kl_and_trains(tmp_path):
     from embedtune.data.formats import read_training_file
     from embedtune.mining import MiningSettings, mine_hard_negatives, write_mined
     from embedtune.models import AutoBiEncoder
-    from embedtune.training.distill import DistillationRecipe, load_distill_config
+    from embedtune.training.config import load_train_config
+    from embedtune.training.distill import DistillTask
+    from embedtune.training.recipe import Recipe
 
     src = tmp_path / "pairs.jsonl"
     src.write_text(
@@ -141,27 +143,33 @@ def test_distillation_recipe_adds_exactly_the_weighted_kl_and_trains(tmp_path):
         "logging": {"progress_bar": False, "plot": False},
         "distill": {"weight": 0.5, "teacher_temperature": 2.0},
     }
-    r = DistillationRecipe(load_distill_config(recipe))
+    r = Recipe(load_train_config(recipe))
     r.setup()
-    batch = r.data.batch(0, 0, 4)
+    task = r.task
+    assert isinstance(task, DistillTask)
+    batch = r.data.batch(0, 0, 4)  # teacher scores are batch fields, collated with the examples
     assert batch["teacher"].shape == (4, 3) and batch["teacher_mask"].all()
-    mb = next(iter(r._micro_batches(batch)))
-    r._negative_ids(mb)
+    r.model.eval()  # no dropout: the step's loss and the terms below see the same embeddings
+    total = task.forward_backward(r.model, batch, r.parallel, scale=1.0)
+    r.model.zero_grad(set_to_none=True)
     with torch.no_grad():
-        q = r.model(**mb["query"])
-        p = r.model(**mb["passages"])
-        total = r.loss_fn(q, p, n_passages=3)
-        base = r.loss_fn.base(q, p, n_passages=3)
+        q = r.model(**batch["query"])
+        p = r.model(**batch["passages"])
+        base = task.contrastive_loss(q, p, task.passage_keys(batch, q.device), r.parallel, n_passages=3)
         kl = distillation_kl(
             group_scores(q, p, 3),
-            mb["teacher"],
+            batch["teacher"],
             student_temperature=r.cfg.loss.temperature,
             teacher_temperature=2.0,
         )
+    r.model.train()
     assert kl > 0
-    assert (total - base).item() == pytest.approx(0.5 * kl.item(), rel=1e-5)
-    result = r.train()
-    assert result.exit_code == 0 and result.state.step == 2 and r.loss_fn.last_kl is not None
+    assert (total - base).item() == pytest.approx(0.5 * kl.item(), rel=1e-4)
+    try:
+        result = r.train()
+    finally:
+        r.cleanup()
+    assert result.exit_code == 0 and result.state.step == 2 and task.last_kl is not None
     import yaml
 
     from embedtune.cli import main

@@ -107,37 +107,47 @@ def _training_data(tmp_path: Path, n: int = 16):
     return path, read_training_file(path, cache_dir=tmp_path / "c")
 
 
-def test_groups_put_the_positive_first_and_never_fill_with_a_positive(tmp_path: Path):
-    from embedtune.reranker.train import build_groups
+def _rerank_recipe(path: Path, out: Path, **sections: object) -> dict:
+    """A `recipe: rerank` training recipe (the one schema) on ``path``, tiny-bert, CPU."""
+    recipe: dict = {
+        "recipe": "rerank",
+        "output_dir": str(out),
+        "device": "cpu",
+        "num_threads": 1,
+        "model": {"name_or_path": "tiny-bert", "max_length": 24},
+        "data": {"datasets": [{"path": str(path)}], "n_passages": 2},
+        "step_scheduler": {"global_batch_size": 2, "max_steps": 3},
+        "logging": {"progress_bar": False, "plot": False, "tensorboard": False},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and key in recipe else value
+    return recipe
 
-    _, data = _training_data(tmp_path)
-    groups = build_groups(data, list(range(len(data))), 6, random.Random(0))
-    for i, g in enumerate(groups):
-        pos = set(data.positives(i).tolist())
-        assert len(g) == 6 and g[0] in pos
-        assert not pos & set(g[1:]) and len(set(g)) == 6
-        assert set(data.negatives(i).tolist()) <= set(g[1:])  # the file's negatives come first in line
+
+def test_groups_put_the_positive_first_and_never_fill_with_a_positive(tmp_path: Path):
+    from embedtune.reranker.train import RerankBatches
+    from embedtune.training.config import load_train_config
+
+    path, data = _training_data(tmp_path)
+    cfg = load_train_config(_rerank_recipe(path, tmp_path / "r", data={"n_passages": 6}))
+    items = RerankBatches(cfg, model=None, data=[data]).items(0, range(len(data)))
+    for it in items:
+        i = it.example
+        pos = {data.corpus.text(r) for r in data.positives(i).tolist()}
+        assert len(it.passages) == 6 and it.passages[0] in pos
+        assert not pos & set(it.passages[1:]) and len(set(it.passages)) == 6
+        own = {data.corpus.text(r) for r in data.negatives(i).tolist()}
+        assert own <= set(it.passages[1:])  # the file's negatives come first in line
 
 
 def test_a_few_training_steps_run_and_save(tmp_path: Path):
     from embedtune.reranker import CrossEncoderReranker
-    from embedtune.reranker.train import load_rerank_config, train_reranker
+    from embedtune.reranker.train import train_reranker
+    from embedtune.training.config import load_train_config
 
     path, data = _training_data(tmp_path, n=6)
-    cfg = load_rerank_config(
-        {
-            "model": "tiny-bert",
-            "data": str(path),
-            "output_dir": str(tmp_path / "r"),
-            "group_size": 2,
-            "batch_size": 2,
-            "max_length": 24,
-            "max_steps": 3,
-            "device": "cpu",
-        }
-    )
-    result = train_reranker(cfg, data=data)
-    assert result.steps == 3 and all(np.isfinite(result.losses))
+    result = train_reranker(load_train_config(_rerank_recipe(path, tmp_path / "r")), data=[data])
+    assert result.state.step == 3 and all(np.isfinite(result.losses))
     assert CrossEncoderReranker.from_pretrained(result.model_dir).predict(["a"], ["b"]).shape == (1,)
 
 
@@ -145,41 +155,51 @@ def test_a_few_training_steps_run_and_save(tmp_path: Path):
 def test_training_lowers_the_loss_resumes_and_saves_a_loadable_model(tmp_path: Path):
     from sentence_transformers import CrossEncoder
 
-    from embedtune.reranker.train import load_rerank_config, train_reranker
+    from embedtune.reranker.train import train_reranker
+    from embedtune.training.config import load_train_config
 
     path, data = _training_data(tmp_path)
-    base = {
-        "model": "tiny-bert",
-        "data": str(path),
-        "output_dir": str(tmp_path / "run"),
-        "group_size": 3,
-        "batch_size": 4,
-        "max_length": 32,
-        "num_epochs": 8,
-        "optimizer": {"lr": 3e-3},
-        "lr_scheduler": {"warmup_ratio": 0.0},
-        "log_every_steps": 100,
-        "ckpt_every_steps": 4,
-        "device": "cpu",
+    base = _rerank_recipe(
+        path,
+        tmp_path / "run",
+        model={"max_length": 32},
+        data={"n_passages": 3},
+        optimizer={"lr": 3e-3},
+        lr_scheduler={"warmup_ratio": 0.0},
+        step_scheduler={
+            "global_batch_size": 4,
+            "num_epochs": 8,
+            "log_every_steps": 100,
+            "ckpt_every_steps": 4,
+        },
+    )
+    first = {**base, "step_scheduler": {**base["step_scheduler"], "max_steps": 8}}
+    result = train_reranker(load_train_config(first), data=[data])
+    assert result.state.step == 8 and (tmp_path / "run" / "checkpoints" / "latest").is_file()
+    second = {
+        **base,
+        "step_scheduler": {**base["step_scheduler"], "max_steps": 24},
+        "checkpoint": {"resume": "latest"},
     }
-    result = train_reranker(load_rerank_config({**base, "max_steps": 8}), data=data)
-    assert result.steps == 8 and (tmp_path / "run" / "checkpoints" / "latest").is_file()
-    resumed = train_reranker(load_rerank_config({**base, "max_steps": 24}), data=data)
-    assert resumed.steps == 24 and len(resumed.losses) == 16  # continued from step 8
+    resumed = train_reranker(load_train_config(second), data=[data])
+    assert resumed.state.step == 24 and len(resumed.losses) == 16  # continued from step 8
     assert np.mean(resumed.losses[-8:]) < np.mean(result.losses[:4])
     st = CrossEncoder(str(resumed.model_dir), device="cpu")
     assert st.predict([("topic 1 question", "all about topic 1")]).shape == (1,)
 
 
-def test_recipe_is_validated():
-    from embedtune.reranker.train import load_rerank_config
+def test_recipe_is_validated(tmp_path: Path):
+    from embedtune.training.config import load_train_config
 
-    with pytest.raises(ConfigError, match="group_size"):
-        load_rerank_config({"data": "x.jsonl", "group_size": 1})
+    recipe = _rerank_recipe(tmp_path / "x.jsonl", tmp_path / "r")
+    with pytest.raises(ConfigError, match="data.n_passages"):
+        load_train_config({**recipe, "data": {**recipe["data"], "n_passages": 1}})
     with pytest.raises(ConfigError, match="recipe"):
-        load_rerank_config({"data": "x.jsonl", "recipe": "train"})
-    with pytest.raises(ConfigError):
-        load_rerank_config({"data": "x.jsonl", "grup_size": 4})
+        load_train_config({**recipe, "recipe": "train"})
+    with pytest.raises(ConfigError, match="grup_size"):
+        load_train_config({**recipe, "grup_size": 4})
+    with pytest.raises(ConfigError, match="peft: not supported with recipe: rerank"):
+        load_train_config({**recipe, "peft": {"r": 4, "match_all_linear": True}})
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -286,11 +306,17 @@ def test_cli_train_from_yaml_then_eval_reports_the_gain(tmp_path: Path, capsys):
             "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(8))
         )
     recipe = tmp_path / "rerank.yaml"
+    # The one recipe schema: `recipe: rerank` + the blocks every training recipe has.
     recipe.write_text(
-        f"recipe: rerank\nmodel: tiny-bert\ndata: {beir}\noutput_dir: {tmp_path / 'out'}\n"
-        "group_size: 2\nbatch_size: 4\nmax_length: 24\nmax_steps: 2\ndevice: cpu\n"
+        f"recipe: rerank\nmodel: {{name_or_path: tiny-bert, max_length: 24}}\n"
+        f"data: {{datasets: [{{path: {beir}}}], n_passages: 2}}\noutput_dir: {tmp_path / 'out'}\n"
+        "step_scheduler: {global_batch_size: 4, max_steps: 2}\ndevice: cpu\nnum_threads: 1\n"
+        "logging: {progress_bar: false, plot: false}\n"
     )
     assert main(["rerank", "train", str(recipe), "optimizer.lr=1e-4"]) == 0
+    # `embedtune train` dispatches on `recipe: rerank` to the same task and loop.
+    assert main(["train", str(recipe), f"output_dir={tmp_path / 'out2'}", "optimizer.lr=1e-4"]) == 0
+    assert (tmp_path / "out2" / "model" / "embedtune_reranker.json").is_file()
     model_dir = tmp_path / "out" / "model"
     assert (model_dir / "embedtune_reranker.json").is_file()
     capsys.readouterr()
@@ -320,10 +346,10 @@ def test_cli_train_from_yaml_then_eval_reports_the_gain(tmp_path: Path, capsys):
     assert "| ndcg@10 |" in printed and "reranking the top 10" in printed
     m = json.loads(out_json.read_text())
     assert m["gain"]["ndcg@10"] == pytest.approx(m["reranked"]["ndcg@10"] - m["retriever"]["ndcg@10"])
-    assert main(["rerank", "train", str(recipe), "group_size=1"]) == 2  # a recipe error is one line, exit 2
-    capsys.readouterr()
-    assert main(["train", str(recipe), "group_size=1"]) == 2  # `embedtune train` dispatches `recipe: rerank`
-    err = capsys.readouterr().err
     assert (
-        "group_size" in err and "unknown key" not in err
-    )  # judged by the rerank config, not the bi-encoder one
+        main(["rerank", "train", str(recipe), "data.n_passages=1"]) == 2
+    )  # a recipe error is one line, exit 2
+    capsys.readouterr()
+    assert main(["train", str(recipe), "data.n_passages=1"]) == 2  # the same rules through `embedtune train`
+    err = capsys.readouterr().err
+    assert "data.n_passages: recipe: rerank needs a positive and at least one negative" in err

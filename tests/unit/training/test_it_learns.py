@@ -94,7 +94,7 @@ def _fixed_batch_loss(recipe, batch, *, grad: bool = False) -> float:
             q = model(**batch["query"])
             p = model(**batch["passages"])
             n = batch["passages"]["input_ids"].shape[0] // batch["query"]["input_ids"].shape[0]
-            loss = recipe.loss_fn(q, p, n_passages=n, doc_ids=None, offset=0)
+            loss = recipe.task.loss_fn(q, p, n_passages=n, doc_ids=None, offset=0)
             if grad:
                 loss.backward()
             return float(loss.detach())
@@ -104,9 +104,9 @@ def _fixed_batch_loss(recipe, batch, *, grad: bool = False) -> float:
 
 def _train_and_measure(cfg: TrainConfig) -> tuple[dict[str, float], float, float, int]:
     """Train ``cfg`` 3 steps; returns (fraction moved per matrix, loss before, loss after, #matrices)."""
-    from embedtune.training.recipe import BiEncoderRecipe
+    from embedtune.training.recipe import Recipe
 
-    recipe = BiEncoderRecipe(cfg)
+    recipe = Recipe(cfg)
     try:
         recipe.setup()
         batch = recipe.data.batch(0, 0, cfg.step_scheduler.global_batch_size)

@@ -14,14 +14,14 @@ from _train_helpers import tiny_recipe
 
 from embedtune.config import load_config
 from embedtune.training.config import TrainConfig
-from embedtune.training.recipe import BiEncoderRecipe, NonFiniteError
+from embedtune.training.recipe import NonFiniteError, Recipe
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 
 
-def _recipe(tmp_path, **sections) -> BiEncoderRecipe:
+def _recipe(tmp_path, **sections) -> Recipe:
     cfg = load_config(TrainConfig, tiny_recipe(tmp_path, **sections))
-    r = BiEncoderRecipe(cfg)
+    r = Recipe(cfg)
     r.setup()
     return r
 
@@ -33,14 +33,14 @@ def _params(r):
 def test_nan_loss_stops_before_the_optimizer_step_naming_the_step(tmp_path):
     r = _recipe(tmp_path, peft=LORA)
     try:
-        r._train_step(r.data.batch(0, 0, 8))
+        r.train_step(r.local_batches(0, 0))
         before = _params(r)
         opt_state = {k: v["exp_avg"].clone() for k, v in r.optimizer.state_dict()["state"].items()}
         r.state.step = 1
-        real = r.loss_fn
-        r.loss_fn = lambda *a, **k: real(*a, **k) * float("nan")
+        real = r.task.loss_fn
+        r.task.loss_fn = lambda *a, **k: real(*a, **k) * float("nan")
         with pytest.raises(NonFiniteError, match=r"step 2: the loss is nan"):
-            r._train_step(r.data.batch(0, 1, 8))
+            r.train_step(r.local_batches(0, 1))
         after = _params(r)
         assert all(torch.equal(before[n], after[n]) for n in before)
         state = r.optimizer.state_dict()["state"]
@@ -56,7 +56,7 @@ def test_non_finite_gradient_stops_naming_the_parameter(tmp_path):
         name, param = next((n, p) for n, p in r.model.named_parameters() if p.requires_grad and "v_proj" in n)
         param.register_hook(lambda g: g * float("inf"))
         with pytest.raises(NonFiniteError, match="step 1: the gradient of " + re.escape(name)):
-            r._train_step(r.data.batch(0, 0, 8))
+            r.train_step(r.local_batches(0, 0))
         assert all(torch.equal(before[n], p) for n, p in _params(r).items())
     finally:
         r.cleanup()
@@ -94,7 +94,8 @@ def test_gradcache_step_equals_plain_step_on_a_real_model(tmp_path, pool_instruc
         "loss": {"in_batch_negatives": True, "mask_false_negatives": True},
         "max_grad_norm": None,
     }
-    plain = _recipe(tmp_path / "a", **sections)
+    # One micro-batch, as GradCache's whole batch is.
+    plain = _recipe(tmp_path / "a", **sections, step_scheduler={"local_batch_size": None})
     cached = _recipe(
         tmp_path / "b",
         **sections,
@@ -104,15 +105,13 @@ def test_gradcache_step_equals_plain_step_on_a_real_model(tmp_path, pool_instruc
     try:
         batch = plain.data.batch(0, 0, 8)
         assert (batch["query"]["pooling_mask"] != batch["query"]["attention_mask"]).any() != pool_instruction
-        # local_batch_size 4 in the helper recipe: make the plain step one micro-batch, as GradCache is.
-        plain.cfg.step_scheduler.local_batch_size = None
         plain.model.double()
         cached.model.double()
         cached.model.load_state_dict(plain.model.state_dict())
         grads = []
         for r in (plain, cached):
             r.optimizer.step = lambda: None  # keep the gradients to compare
-            loss, _ = r._train_step(batch)
+            loss, _ = r.train_step([batch])
             grads.append(
                 (loss, {n: p.grad.clone() for n, p in r.model.named_parameters() if p.grad is not None})
             )
@@ -135,7 +134,7 @@ def test_time_budget_stops_early_and_still_saves(tmp_path):
     assert result.exit_code == 0 and result.stop_reason == "time_budget"
     assert result.state.step == 1  # one step always runs; the next would overshoot the budget
     assert (result.model_dir / "config.json").is_file()
-    assert r.ckpt.latest().name == "step_00000001"
+    assert r.checkpoints.latest().name == "step_00000001"
 
 
 def test_validation_keeps_the_best_checkpoint_and_stops_early(tmp_path, monkeypatch):
@@ -155,20 +154,20 @@ def test_validation_keeps_the_best_checkpoint_and_stops_early(tmp_path, monkeypa
     validation = {"data": str(data), "every_n_steps": 1, "eval_at_start": True, "early_stopping_patience": 2}
     r = _recipe(tmp_path, validation=validation, optimizer={"lr": 1e-2})
     snapshots = {}
-    real_step = r._train_step
+    real_step = r.train_step
 
     def step_and_snapshot(batch):
         out = real_step(batch)
         snapshots[r.state.step + 1] = _params(r)
         return out
 
-    r._train_step = step_and_snapshot
+    r.train_step = step_and_snapshot
     try:
         result = r.train()
     finally:
         r.cleanup()
     assert result.stop_reason == "early_stopping" and result.state.step == 4
-    assert r.ckpt.best().name == "step_00000002"
+    assert r.checkpoints.best().name == "step_00000002"
     assert r.state.best_step == 2 and r.state.best_metric == 0.6
     # The final model holds the best step's weights, not the last step's.
     from embedtune.models import AutoBiEncoder
@@ -197,12 +196,11 @@ def test_gradient_accumulation_equals_one_big_batch_without_in_batch_negatives(t
     whole = _recipe(tmp_path / "a", **sections, step_scheduler={"local_batch_size": None})
     accum = _recipe(tmp_path / "b", **sections, step_scheduler={"local_batch_size": 4})
     try:
-        batch = whole.data.batch(0, 0, 8)
         grads = []
         for r in (whole, accum):
             r.model.double()
             r.optimizer.step = lambda: None
-            loss, _ = r._train_step(batch)
+            loss, _ = r.train_step(r.local_batches(0, 0))
             grads.append((loss, {n: p.grad for n, p in r.model.named_parameters() if p.grad is not None}))
         # BiEncoder pools in float32, so agreement is to float32 rounding.
         assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
