@@ -249,13 +249,16 @@ def apply_plan(cfg: Any, plan: Plan, overrides: list[str]) -> None:
     put(cfg, "bf16", "bf16", bf16)
     if not bf16 and str(cfg.model.dtype) in ("bfloat16", "torch.bfloat16"):
         put(cfg.model, "dtype", "model.dtype", "float32")  # bf16 weights run bf16 matmuls
-    put(cfg.model, "max_length", "model.max_length", plan.eval_max_length)
     put(cfg.data, "p_max_len", "data.p_max_len", plan.p_max_len)
     sched = cfg.step_scheduler
     put(sched, "max_time_minutes", "step_scheduler.max_time_minutes", plan.time_budget_s / 60)
     if cfg.validation is not None:
         v = cfg.validation
         put(v, "bf16", "validation.bf16", bf16)
+        if plan.eval_max_length != (v.max_length or cfg.model.max_length):
+            put(
+                v, "max_length", "validation.max_length", plan.eval_max_length
+            )  # the saved model keeps its own
         if plan.eval_docs < plan.all_docs and v.max_corpus is None:
             put(v, "max_corpus", "validation.max_corpus", plan.eval_docs)
     # A linear schedule decays over max_steps: match it to the steps that fit (+15 %, the time
@@ -326,7 +329,7 @@ def _measure(cfg: Any, t_start: float) -> tuple[Measured, EvalShape]:
         verify=False,  # the training run verifies the model it loads
     )
     shape, sample = _eval_shape(cfg, enc.tokenizer)
-    length = m.max_length or 512
+    length = cfg.validation.max_length or m.max_length or 512
     feats = enc.tokenize(sample, "document", max_length=length)
     n_tokens = int(feats["attention_mask"].sum())
     info = machine_info(measure=False)
@@ -450,7 +453,7 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_demo(
             measured,
             shape,
-            max_length=cfg.model.max_length or 512,
+            max_length=cfg.validation.max_length or cfg.model.max_length or 512,
             train_tokens_per_step=step_tokens(cfg, shape),
             p_max_len=cfg.data.p_max_len,
             max_steps=cfg.step_scheduler.max_steps or 1000,

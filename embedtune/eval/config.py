@@ -45,6 +45,9 @@ class ValidationConfig:
     """Cut-offs to report (the metric's k must be one of them)."""
     batch_size: int = 64
     """Texts per forward pass when encoding queries and documents."""
+    max_length: int | None = None
+    """Tokens per text when encoding for validation; None: the model's ``max_length``. Shorter is faster
+    (the demo plans it on slow machines); compare runs only at the same length."""
     bf16: bool = False
     """Encode under bfloat16 autocast (2-3x faster on CPUs with AMX and on GPUs; scores move ~1e-3)."""
     max_queries: int | None = None
@@ -89,7 +92,7 @@ class ValidationConfig:
             )
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
-        for name in ("max_queries", "max_corpus", "early_stopping_patience"):
+        for name in ("max_queries", "max_corpus", "early_stopping_patience", "max_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: must be >= 1 or null (no limit), got {value}")

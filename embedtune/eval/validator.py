@@ -105,6 +105,7 @@ class Validator:
             c.k_values,
             batch_size=c.batch_size,
             bf16=c.bf16,
+            max_length=c.max_length,
             backend=c.backend,
             show_progress=False,
         )

@@ -86,7 +86,8 @@ def test_apply_plan_sets_precision_eval_set_and_budget_but_not_overrides(tmp_pat
     plan = _plan({"fp32": 600.0})
     apply_plan(cfg, plan, overrides)
     assert cfg.bf16 is False and cfg.validation.bf16 is False and cfg.model.dtype == "float32"
-    assert cfg.model.max_length == plan.eval_max_length
+    assert cfg.validation.max_length == plan.eval_max_length < 192
+    assert cfg.model.max_length == 192  # the saved model keeps the recipe's length
     assert cfg.validation.max_corpus == 700  # given on the command line: kept
     assert cfg.step_scheduler.max_time_minutes == pytest.approx(plan.time_budget_s / 60)
     assert cfg.step_scheduler.max_steps < 80  # the schedule matches the steps that fit

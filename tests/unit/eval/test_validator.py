@@ -23,6 +23,7 @@ from embedtune.eval.validator import Validator, is_better
         ({"k_values": ()}, "k_values"),
         ({"batch_size": 0}, "batch_size"),
         ({"max_corpus": 0}, "max_corpus"),
+        ({"max_length": 0}, "max_length"),
         ({"early_stopping_patience": 0}, "early_stopping_patience"),
         ({"min_delta": -1.0}, "min_delta"),
         ({"backend": "annoy"}, "backend"),
@@ -83,3 +84,21 @@ def test_validator_loads_and_samples_the_data_once(beir_folder, fake_encoder, tm
     assert len(first.queries) == 5 and len(first.corpus) == 20
     v.run(fake_encoder, 1)
     assert v.eval_set is first
+
+
+def test_validation_encodes_at_its_own_max_length(monkeypatch):
+    """``validation.max_length`` reaches the encoder (the demo shortens evaluation, not the saved model)."""
+    import types
+
+    import embedtune.eval.validator as validator_module
+
+    seen = {}
+
+    def fake_run_evaluation(encoder, eval_set, k_values, **kwargs):
+        seen.update(kwargs)
+        return types.SimpleNamespace(metrics={"ndcg@10": 0.5})
+
+    monkeypatch.setattr(validator_module, "run_evaluation", fake_run_evaluation)
+    es = eval_set_from_dicts({"d": "text"}, {"q": "query"}, {"q": {"d": 1}})
+    Validator(ValidationConfig(data="x", max_length=64), es).run(object(), 0)
+    assert seen["max_length"] == 64
