@@ -191,20 +191,21 @@ class BiEncoder(nn.Module):
         return self.encode(texts, "document", **kwargs)
 
     # ----------------------------------------------------------------------------------------- save
-    def save_pretrained(self, path: str | Path, *, merge_lora: bool = True) -> Path:
+    def save_pretrained(self, path: str | Path, *, merge_lora: bool = True, dtype: str = "float32") -> Path:
         """Write the model so that embedtune, plain transformers and sentence-transformers all load it.
 
         The folder holds safetensors weights and ``config.json`` (for a converted decoder: the stock
         model_type with ``is_causal: false``), the tokenizer, the sentence-transformers layout
         (``modules.json``, ``1_Pooling``, ``2_Normalize``, prompts) and ``embedtune.json``. A LoRA model
-        is merged into its base weights (``merge_lora=True``), or saved as a PEFT adapter.
+        is merged into its base weights (``merge_lora=True``), or saved as a PEFT adapter. Weights are
+        saved in float32 (``dtype``: "float32", or opt-in "bfloat16"/"float16", or "auto" to keep them).
 
         Returns:
             The folder.
         """
         from embedtune.models import saving
 
-        return saving.save_biencoder(self, Path(path), merge_lora=merge_lora)
+        return saving.save_biencoder(self, Path(path), merge_lora=merge_lora, dtype=dtype)
 
     def extra_repr(self) -> str:
         s = self.settings

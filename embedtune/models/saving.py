@@ -34,11 +34,15 @@ STOCK_TYPES: dict[str, tuple[str, str]] = {
 _OUR_CONFIG_KEYS = ("pooling", "temperature")
 
 
-def merged_lora_state_dict(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def merged_lora_state_dict(
+    peft_model: torch.nn.Module, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """The base model's weights with every LoRA delta added, without touching the live model.
 
     ``merge_and_unload`` would modify the model being trained (and unmerging is not bit-exact), so we
-    add ``get_delta_weight`` to a copy of each wrapped weight instead.
+    add ``get_delta_weight`` to a copy of each wrapped weight instead. ``dtype``: the floating-point
+    type of the result (default: each weight's own); the sum is computed in float32 either way, so an
+    fp32 result keeps a small LoRA delta that bf16 would round away.
     """
     base = peft_model.get_base_model()
     merged: dict[str, torch.Tensor] = {}
@@ -57,8 +61,23 @@ def merged_lora_state_dict(peft_model: torch.nn.Module) -> dict[str, torch.Tenso
         for adapter in module.active_adapters:
             if adapter in getattr(module, "lora_A", {}):
                 weight = weight + module.get_delta_weight(adapter).detach().float()
-        merged[key] = weight.to(merged[key].dtype)
-    return merged
+        merged[key] = weight.to(dtype or merged[key].dtype)
+    return _cast(merged, dtype)
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+#: Precisions a model can be saved in; "auto" keeps the weights' own.
+SAVE_DTYPES: dict[str, torch.dtype | None] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": None,
+}
 
 
 def stock_config_dict(config: Any) -> dict[str, Any]:
@@ -133,27 +152,36 @@ def _check_target(path: Path) -> None:
         )
 
 
-def save_biencoder(model: BiEncoder, path: Path, *, merge_lora: bool = True) -> Path:
+def save_biencoder(model: BiEncoder, path: Path, *, merge_lora: bool = True, dtype: str = "float32") -> Path:
     """Write ``model`` to ``path`` (see the module docstring for the layout).
+
+    The weights are saved in float32 by default, whatever precision they were trained in: every
+    reader (sentence-transformers, transformers, ONNX export, embedtune) then loads the same fp32
+    numbers and computes the same embeddings; a bf16 file would make each of them pick its own
+    precision path. ``dtype="bfloat16"`` halves the file (opt-in), ``"auto"`` keeps the weights' type.
 
     The folder is written beside ``path`` and swapped in only when complete
     (``embedtune._atomic.staged_folder``): a crash or a full disk leaves the previous save intact.
 
     Raises:
-        ConfigError: ``path`` is a file, or a non-empty folder that is not an earlier save.
+        ConfigError: ``path`` is a file, or a non-empty folder that is not an earlier save; unknown dtype.
     """
     from embedtune.models.zoo import quiet_transformers
 
+    if dtype not in SAVE_DTYPES:
+        raise ConfigError(f"save dtype: unknown {dtype!r} — use one of {', '.join(SAVE_DTYPES)}")
     target = Path(path).expanduser().absolute()
     _check_target(target)
     # PEFT re-reads the base config (a stock `llama` beside our `llama_bidirec` class): an expected
     # type-mismatch warning, and per-shard progress bars, that would only confuse a user.
     with quiet_transformers(), staged_folder(target) as staged:
-        _save_biencoder(model, staged, merge_lora=merge_lora, name=target.name)
+        _save_biencoder(model, staged, merge_lora=merge_lora, name=target.name, dtype=SAVE_DTYPES[dtype])
     return Path(path)
 
 
-def _save_biencoder(model: BiEncoder, path: Path, *, merge_lora: bool, name: str) -> Path:
+def _save_biencoder(
+    model: BiEncoder, path: Path, *, merge_lora: bool, name: str, dtype: torch.dtype | None
+) -> Path:
     backbone = model.backbone
     is_peft = hasattr(backbone, "peft_config")
     settings = model.settings
@@ -165,10 +193,20 @@ def _save_biencoder(model: BiEncoder, path: Path, *, merge_lora: bool, name: str
         return path
 
     base = model.base_model
-    state_dict = merged_lora_state_dict(backbone) if is_peft else None
+    current = next((p.dtype for p in base.parameters() if p.is_floating_point()), None)
+    if is_peft:
+        state_dict = merged_lora_state_dict(backbone, dtype)
+    elif dtype is not None and dtype != current:
+        state_dict = _cast(base.state_dict(), dtype)
+    else:
+        state_dict = None
     base.save_pretrained(str(path), state_dict=state_dict)
     # Overwrite config.json with the stock model type so plain transformers needs no remote code.
-    _write_json(path / "config.json", stock_config_dict(base.config))
+    config = stock_config_dict(base.config)
+    saved = dtype or current
+    if saved is not None:  # what the file holds, so that dtype="auto" loaders pick the same precision
+        config["dtype"] = str(saved).removeprefix("torch.")
+    _write_json(path / "config.json", config)
     model.tokenizer.save_pretrained(str(path))
     for rel, content in sentence_transformers_files(settings, model.dim).items():
         _write_json(path / rel, content)

@@ -226,3 +226,61 @@ def test_a_failed_save_keeps_the_previous_model_and_a_foreign_folder_is_never_re
     with pytest.raises(ConfigError, match="not an earlier saved model"):
         other.save_pretrained(busy)
     assert [p.name for p in busy.iterdir()] == ["thesis.tex"]
+
+
+def _readers_reproduce_embedtune(folder: Path, texts: list[str], atol: float) -> None:
+    """sentence-transformers, plain transformers and (when installed) ONNX equal embedtune's encoding."""
+    ours = AutoBiEncoder.from_pretrained(folder)
+    assert {p.dtype for p in ours.parameters()} == {torch.float32}
+    st = SentenceTransformer(str(folder), device="cpu")
+    for kind in ("query", "document"):
+        expected = ours.encode(texts, kind, batch_size=8)
+        got = st.encode(texts, prompt_name=kind, batch_size=8, convert_to_numpy=True)
+        np.testing.assert_allclose(got, expected, atol=atol, err_msg=f"sentence-transformers, {kind}")
+        plain = plain_transformers_embeddings(folder, texts, kind)
+        np.testing.assert_allclose(plain, expected, atol=atol, err_msg=f"transformers, {kind}")
+    try:
+        from embedtune.export.onnx import export_onnx
+        from embedtune.export.runtime import OnnxBiEncoder
+
+        export_onnx(folder, folder.parent / f"{folder.name}-onnx")
+    except ImportError:
+        return
+    onnx_model = OnnxBiEncoder.from_pretrained(folder.parent / f"{folder.name}-onnx")
+    for kind in ("query", "document"):
+        np.testing.assert_allclose(
+            onnx_model.encode(texts, kind, batch_size=8),
+            ours.encode(texts, kind, batch_size=8),
+            atol=atol,
+            err_msg=f"onnx, {kind}",
+        )
+
+
+def test_a_model_held_in_bf16_is_saved_in_fp32_and_every_reader_reproduces_embedtune(tmp_path):
+    from safetensors import safe_open
+
+    model = AutoBiEncoder.from_pretrained("tiny-llama", dtype="bfloat16", query_prefix="query: ")
+    folder = model.save_pretrained(tmp_path / "m")
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # noqa: SIM118
+    _readers_reproduce_embedtune(folder, SENTENCES[:12], atol=1e-5)
+    # The fp32 file holds the bf16 weights exactly: nothing was lost or changed by widening.
+    reloaded = AutoBiEncoder.from_pretrained(folder)
+    for (name, a), (_, b) in zip(
+        model.base_model.state_dict().items(), reloaded.base_model.state_dict().items()
+    ):
+        torch.testing.assert_close(a.float(), b, atol=0, rtol=0, msg=name)
+    # bf16 is opt-in.
+    half = model.save_pretrained(tmp_path / "bf16", dtype="bfloat16")
+    assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(half / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["minilm", "smollm2-135m"])
+def test_saved_real_models_are_reproduced_by_every_reader_to_1e5(tmp_path, name):
+    kw = dict(query_prefix="query: ", passage_prefix="passage: ") if name != "minilm" else {}
+    folder = AutoBiEncoder.from_pretrained(name, **kw).save_pretrained(tmp_path / "m")
+    _readers_reproduce_embedtune(folder, SENTENCES[:12], atol=1e-5)
