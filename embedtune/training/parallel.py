@@ -13,8 +13,9 @@ The recipe and the tasks see parallelism only through :class:`Parallel`:
 ``clip(...)``      the global gradient norm (also over FSDP2 shards) and clipping
 =================  ===================================================================================
 
-A single process is the ``world_size == 1`` case of the same object: every collective becomes the
-identity, so single-process tests run the code path that runs on 8 GPUs.
+A single process is the ``world_size == 1`` case of the same object: without a process group every
+collective becomes the identity, so single-process tests run the code path that runs on 8 GPUs (and
+``torchrun --nproc-per-node 1`` runs the real collectives on one rank).
 """
 
 from __future__ import annotations
@@ -99,9 +100,14 @@ class Parallel:
         return self.config.strategy if self.world_size > 1 else "single"
 
     @property
+    def grouped(self) -> bool:
+        """True when a process group exists (under torchrun, also with one rank): collectives run."""
+        return self.ctx.backend is not None and dist.is_initialized()
+
+    @property
     def gathers_negatives(self) -> bool:
         """True when the loss scores local queries against the passages of every rank."""
-        return self.world_size > 1 and self.config.cross_device_negatives
+        return self.grouped and self.config.cross_device_negatives
 
     def cpu_threads(self) -> int | None:
         """Threads per rank when several ranks share one CPU machine (None: torch's default)."""
@@ -182,7 +188,7 @@ class Parallel:
             grad: differentiable gather (embeddings): the backward returns to each rank the sum over
                 ranks of the gradients of its own rows.
         """
-        if self.world_size == 1:
+        if not self.grouped:
             return x.to(self.device)
         # Every rank holds the same number of rows (the BatchPlan's equal shares): no sizes collective.
         sizes = [x.shape[0]] * self.world_size
@@ -191,7 +197,7 @@ class Parallel:
     # ---------------------------------------------------------------------------------- reductions
     def mean(self, value: float) -> float:
         """The mean of a per-rank scalar over all ranks (e.g. the logged loss of the global batch)."""
-        if self.world_size == 1:
+        if not self.grouped:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
@@ -199,7 +205,7 @@ class Parallel:
 
     def agree(self, flag: bool) -> bool:
         """True on every rank when it is True on any (stop decisions from rank-local clocks)."""
-        if self.world_size == 1:
+        if not self.grouped:
             return flag
         t = torch.tensor([int(flag)], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -207,7 +213,11 @@ class Parallel:
 
     def agree_signal(self, received: int | None) -> int | None:
         """The stop signal any rank received (the highest number), or None; call once per step."""
-        return C.agree_on_signal(received, self.ctx)
+        if not self.grouped:
+            return received
+        t = torch.tensor([int(received or 0)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item()) or None
 
     def clip(self, parameters: Sequence[nn.Parameter], max_norm: float | None) -> Tensor:
         """The global gradient norm (also over FSDP2 shards); clipped to ``max_norm`` when set."""

@@ -120,8 +120,8 @@ def init_distributed(
 ) -> DistContext:
     """Join the job described by torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...).
 
-    Without those variables (or with ``WORLD_SIZE=1``) nothing is initialised and a single-process
-    context is returned, so the same recipe runs with and without torchrun.
+    Without those variables nothing is initialised and a single-process context is returned, so the
+    same recipe runs with and without torchrun; ``torchrun --nproc-per-node 1`` does create a group.
 
     Args:
         config: the ``distributed:`` block (backend, timeout); defaults when None.
@@ -142,7 +142,10 @@ def init_distributed(
     use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
-    if world <= 1 and not dist.is_initialized():
+    # torchrun (MASTER_ADDR + RANK) with one rank still gets a process group: world size 1 runs the
+    # collectives of N ranks (benchmarks/gpu_check.py checks NCCL that way on one GPU).
+    launched = world > 1 or ("MASTER_ADDR" in os.environ and "RANK" in os.environ)
+    if not launched and not dist.is_initialized():
         _CONTEXT = DistContext(device=dev)
         return _CONTEXT
 
