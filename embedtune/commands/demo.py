@@ -261,10 +261,11 @@ def apply_plan(cfg: Any, plan: Plan, overrides: list[str]) -> None:
             )  # the saved model keeps its own
         if plan.eval_docs < plan.all_docs and v.max_corpus is None:
             put(v, "max_corpus", "validation.max_corpus", plan.eval_docs)
-    # A linear schedule decays over max_steps: match it to the steps that fit (+15 %, the time
-    # budget still stops the loop), so the learning rate is not cut off mid-decay.
-    if plan.steps and sched.max_steps and plan.steps < sched.max_steps:
-        put(sched, "max_steps", "step_scheduler.max_steps", max(1, math.ceil(plan.steps * 1.15)))
+    # A linear schedule decays over max_steps: bring it near the steps that fit, so the learning rate
+    # is not cut off early in its decay. +50 %: the step time is a prediction (a faster machine than
+    # predicted still uses its time); the time budget stops the loop if it is slower.
+    if plan.steps and sched.max_steps and plan.steps * 1.5 < sched.max_steps:
+        put(sched, "max_steps", "step_scheduler.max_steps", max(1, math.ceil(plan.steps * 1.5)))
 
 
 # ---------------------------------------------------------------------------------------- measuring
