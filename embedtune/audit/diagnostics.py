@@ -52,38 +52,38 @@ def candidate_scores(
     n_passages: int,
     in_batch_negatives: bool = True,
     doc_ids: Tensor | None = None,
+    positive_ids: Tensor | None = None,
     offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """The loss's score matrix and label of each query (masked candidates at ``-inf``).
 
-    Same layout and masking as ``info_nce``: with in-batch negatives every passage is a candidate and
-    the label is the query's positive row; otherwise only the query's own group, positive at 0.
+    Same layout and masking as ``info_nce`` (it uses the loss's own ``false_negative_mask``): with
+    in-batch negatives every passage is a candidate and the label is the query's positive row;
+    otherwise only the query's own group, positive at 0.
 
     Returns:
         ``(scores (B, C) float32, labels (B,) int64)``.
     """
+    from embedtune.training.loss import _passage_keys, false_negative_mask
+
     q, p = queries.detach().float(), passages.detach().float()
-    b = q.shape[0]
+    b, n_total = q.shape[0], p.shape[0]
     global_q = torch.arange(offset, offset + b, device=q.device)
     pos_rows = global_q * n_passages
+    mask = None
     if doc_ids is not None:
-        doc_ids = doc_ids.reshape(-1).to(q.device)
+        mask = false_negative_mask(_passage_keys(doc_ids.to(q.device), n_total), pos_rows, positive_ids)
     if in_batch_negatives:
         scores = q @ p.T  # (B, N)
         labels = pos_rows
-        if doc_ids is not None:
-            same = doc_ids[None, :] == doc_ids[pos_rows][:, None]
-            same[torch.arange(b, device=q.device), pos_rows] = False
-            scores = scores.masked_fill(same, float("-inf"))
     else:
         groups = p.view(-1, n_passages, p.shape[-1])[global_q]  # (B, n, d)
         scores = torch.einsum("bd,bkd->bk", q, groups)
         labels = torch.zeros(b, dtype=torch.long, device=q.device)
-        if doc_ids is not None:
-            gid = doc_ids.view(-1, n_passages)[global_q]
-            same = gid == gid[:, :1]
-            same[:, 0] = False
-            scores = scores.masked_fill(same, float("-inf"))
+        if mask is not None:
+            mask = mask.gather(1, pos_rows[:, None] + torch.arange(n_passages, device=q.device))
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
     return scores, labels
 
 
@@ -96,6 +96,7 @@ def contrastive_diagnostics(
     temperature: float,
     in_batch_negatives: bool = True,
     doc_ids: Tensor | None = None,
+    positive_ids: Tensor | None = None,
     offset: int = 0,
 ) -> dict[str, float]:
     """Sums over the local queries (see :class:`DiagnosticsAccumulator`) of the four diagnostics.
@@ -111,6 +112,7 @@ def contrastive_diagnostics(
         n_passages=n_passages,
         in_batch_negatives=in_batch_negatives,
         doc_ids=doc_ids,
+        positive_ids=positive_ids,
         offset=offset,
     )
     b = scores.shape[0]

@@ -26,13 +26,15 @@ def _batch(b=6, n=3, d=16, seed=0):
 @pytest.mark.parametrize("masked", [False, True])
 def test_mean_per_query_loss_equals_info_nce(in_batch, masked):
     q, p = _batch()
-    ids = None
+    ids = pos_ids = None
     if masked:
         ids = torch.arange(18)
         ids[4] = ids[0]  # query 1's first negative is query 0's positive document
         ids[7] = ids[6]  # a duplicate inside query 2's own group
+        ids[10] = 99  # query 3 has a second positive (99) that shows up as its own negative
+        pos_ids = torch.tensor([[6, -1], [9, 99], [12, -1], [15, -1]])  # the local queries 2..5
     # The local queries are rows 2..5 of the global batch (as on rank 1 of 2 with cross-rank negatives).
-    kw = dict(n_passages=3, in_batch_negatives=in_batch, doc_ids=ids, offset=2)
+    kw = dict(n_passages=3, in_batch_negatives=in_batch, doc_ids=ids, positive_ids=pos_ids, offset=2)
     loss = info_nce(q[2:], p, temperature=0.05, **kw)
     d = contrastive_diagnostics(q[2:], p, temperature=0.05, **kw)
     assert d["queries"] == 4
