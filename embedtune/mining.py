@@ -941,3 +941,36 @@ class NegativeRefresher:
                 out.append(dataclasses.replace(data, neg_offsets=offsets.copy(), neg_rows=rows.copy()))
         self.mined_step = int(step)
         return out
+
+
+def build_refresher(cfg: Any, output_dir: str | os.PathLike[str]) -> NegativeRefresher:
+    """The :class:`NegativeRefresher` of a recipe's ``mining:`` block.
+
+    Raises:
+        ConfigError: ``data.n_passages`` is 1 (no hard negatives to re-mine).
+    """
+    m = cfg.mining
+    needed = int(cfg.data.n_passages) - 1
+    if needed < 1:
+        raise ConfigError(
+            "mining: re-mining needs hard negatives, but data.n_passages is 1 (in-batch negatives only) — "
+            "set data.n_passages >= 2 or remove the mining block"
+        )
+    settings = MiningSettings(
+        num_negatives=m.num_negatives or needed,
+        range_start=m.range_start,
+        range_end=m.range_end,
+        margin=m.margin,
+        margin_type=m.margin_type,
+        sampling=m.sampling,
+        seed=int(cfg.seed),
+    )
+    return NegativeRefresher(
+        settings,
+        m.refresh_every_steps,
+        output_dir,
+        needed=needed,
+        batch_size=m.batch_size,
+        bf16=bool(cfg.bf16),
+        max_length=m.max_length,
+    )

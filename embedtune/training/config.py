@@ -30,6 +30,7 @@ __all__ = [
     "LRSchedulerConfig",
     "LoggingConfig",
     "LossConfig",
+    "MiningConfig",
     "ModelConfig",
     "OptimizerConfig",
     "PeftConfig",
@@ -379,6 +380,51 @@ class CrossEncoderConfig:
 
 
 @dataclass
+class MiningConfig:
+    """The ``mining:`` block: re-mine hard negatives with the model being trained (null: never).
+
+    Every ``refresh_every_steps`` steps the training corpus is re-encoded with the current weights and
+    each example's negatives are re-mined with the positive-aware margin (see ``embedtune.mining``);
+    the epochs that follow sample from them. The mined sets are saved under ``<output_dir>/mined/`` and
+    named by the checkpoint, so a resumed run trains on exactly the same negatives.
+    """
+
+    refresh_every_steps: int = 100
+    """Re-mine after every this many optimizer steps."""
+    model: Literal["current"] = "current"
+    """Which model mines: ``current`` (the weights being trained). For a fixed teacher, mine once
+    offline with ``embedtune mine``."""
+    num_negatives: int | None = None
+    """Negatives kept per example (null: ``data.n_passages - 1``)."""
+    range_start: int = 0
+    """First rank of the candidate window (0-based, positives removed)."""
+    range_end: int = 100
+    """Rank after the last one of the window."""
+    margin: float | None = 0.95
+    """Drop candidates scoring above this share of the positive (``perc``) or within it (``abs``)."""
+    margin_type: Literal["perc", "abs"] = "perc"
+    """How ``margin`` applies (``embedtune mine --margin-type``)."""
+    sampling: Literal["top", "random"] = "top"
+    """Keep the hardest survivors of the window, or a seeded random sample of them."""
+    batch_size: int = 64
+    """Texts per encoding forward pass."""
+    max_length: int | None = None
+    """Tokens per text while encoding (null: the model's)."""
+
+    def __post_init__(self) -> None:
+        if self.refresh_every_steps < 1:
+            raise ConfigError(f"refresh_every_steps: must be >= 1, got {self.refresh_every_steps}")
+        if self.num_negatives is not None and self.num_negatives < 1:
+            raise ConfigError(f"num_negatives: must be >= 1 or null, got {self.num_negatives}")
+        if not 0 <= self.range_start < self.range_end:
+            raise ConfigError(
+                f"range_start/range_end: need 0 <= start < end, got {self.range_start}:{self.range_end}"
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class TrainConfig:
     """A complete training recipe: a bi-encoder (default), distillation (``distill:``) or a reranker
     (``recipe: rerank``) — one schema, one loop (:mod:`embedtune.training.recipe`)."""
@@ -428,6 +474,8 @@ class TrainConfig:
     """KL distillation from a cross-encoder's scores (bi-encoder only; null: plain contrastive)."""
     cross_encoder: CrossEncoderConfig = field(default_factory=CrossEncoderConfig)
     """Input template of the cross-encoder (``recipe: rerank`` only)."""
+    mining: MiningConfig | None = None
+    """Re-mine hard negatives during training with the current model; null: the data's negatives throughout."""
 
     def __post_init__(self) -> None:
         check_master_weights(self)

@@ -254,6 +254,7 @@ class Recipe:
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, self.total_steps)
         self.state = TrainState()
         self.validator = self._build_validator()
+        self.refresher = self._build_refresher()
         self.checkpoints = RecipeCheckpoints(self)
         self._resume()
 
@@ -286,6 +287,44 @@ class Recipe:
 
         return Validator(self.cfg.validation)
 
+    def _build_refresher(self) -> Any:
+        """The re-mining hook of a ``mining:`` block (None without one); see ``embedtune.mining``."""
+        if getattr(self.cfg, "mining", None) is None:
+            return None
+        if not hasattr(self.data, "dataset"):
+            raise ConfigError(
+                "mining: re-mining applies to bi-encoder training only; remove the mining block"
+            )
+        from embedtune.mining import build_refresher
+
+        return build_refresher(self.cfg, self.cfg.output_dir)
+
+    def _refresh_negatives(self) -> None:
+        """Re-mine every training set's negatives with the current weights (between two steps).
+
+        Every rank mines the whole corpus (the same weights give the same negatives on each).
+        """
+        st = self.state
+        self.monitor.message(f"step {st.step}: re-mining hard negatives with the current model ...")
+        model = Parallel.unwrap(self.model)
+        self.data.dataset.datasets = self.refresher.refresh(model, self.data.dataset.datasets, st.step)
+        self.model.train()
+        st.extra["mining"] = self.refresher.state_dict()
+        done = self.refresher.history[-1]
+        changed = sum(d["examples_changed"] for d in done["datasets"])
+        self.monitor.log(
+            {"step": st.step, "mining/seconds": done["seconds"], "mining/examples_changed": changed}
+        )
+        self.monitor.message(
+            f"step {st.step}: re-mined in {done['seconds']:.1f}s; {changed} examples got new negatives"
+        )
+
+    def _warn_diagnostics(self, diag: dict[str, float], step: int) -> None:
+        from embedtune.audit.diagnostics import warnings_for
+
+        for line in warnings_for(diag, step):
+            self.monitor.message(f"warning: {line}")
+
     def _resume(self) -> None:
         ckpts, resume = self.checkpoints, self.cfg.checkpoint.resume
         if resume == "auto":
@@ -303,6 +342,10 @@ class Recipe:
         self.state = ckpts.restore(path)
         if self.validator is not None and "validator" in self.state.extra:
             self.validator.load_state_dict(self.state.extra["validator"])
+        if self.refresher is not None and "mining" in self.state.extra:
+            datasets = self.refresher.load_state_dict(self.state.extra["mining"], self.data.dataset.datasets)
+            if datasets is not None:
+                self.data.dataset.datasets = datasets
         if self.parallel.is_main:
             print(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})", flush=True)
 
@@ -319,8 +362,21 @@ class Recipe:
             self._validate()
         with self.stop:
             while st.step < self.total_steps:
+                if self.refresher is not None and self.refresher.due(st.step):
+                    self._refresh_negatives()
                 t0 = time.perf_counter()
+                # Diagnostics for step 0 (the first forward sees the initial weights) and each logged step.
+                logged = (st.step + 1) % sched.log_every_steps == 0 or st.step + 1 == self.total_steps
+                if hasattr(self.task, "diagnostics"):
+                    from embedtune.audit.diagnostics import DiagnosticsAccumulator
+
+                    self.task.diagnostics = DiagnosticsAccumulator() if st.step == 0 or logged else None
                 loss, grad_norm = self.train_step(self.local_batches(st.epoch, st.step_in_epoch))
+                acc = getattr(self.task, "diagnostics", None)
+                diag = acc.means() if acc else {}  # this rank's queries
+                if st.step == 0 and diag:  # the initial weights' numbers (step 1's loss is theirs too)
+                    self.monitor.log({"step": 0, **diag})
+                    self._warn_diagnostics(diag, 0)
                 losses.append(loss)
                 st.step += 1
                 st.step_in_epoch += 1
@@ -340,8 +396,11 @@ class Recipe:
                             "examples_per_s": sched.global_batch_size / step_s,
                             "step_s": round(step_s, 4),
                             "elapsed_s": round(st.elapsed_s, 3),
+                            **diag,
                         }
                     )
+                    if st.step > 1:  # step 1's numbers were step 0's
+                        self._warn_diagnostics(diag, st.step)
                 # Every rank learns about a signal any rank received, after the same step.
                 signum = self.parallel.agree_signal(self.stop.received)
                 # Stop *before* the budget runs out: would one more step of this length overshoot it?

@@ -187,6 +187,8 @@ class BiEncoderTask:
         self.cfg = cfg
         self.whole_batch_per_rank = cfg.gradcache.enabled
         self.loss_fn: nn.Module | None = None
+        #: Set by the loop on the steps whose diagnostics are logged (embedtune.audit.diagnostics).
+        self.diagnostics: Any = None
 
     # ------------------------------------------------------------------------------------ building
     def build_model(self, parallel: Parallel) -> nn.Module:
@@ -260,6 +262,21 @@ class BiEncoderTask:
             passages = parallel.gather(passages, grad=True)  # (W·B·n, d)
             keys = None if keys is None else parallel.gather(keys)  # (W·B·n, 2)
             offset = parallel.rank * queries.shape[0]  # ranks hold equal shares (BatchPlan)
+        if self.diagnostics is not None:  # from the embeddings the loss gets: no extra forward
+            from embedtune.audit.diagnostics import contrastive_diagnostics
+
+            self.diagnostics.add(
+                contrastive_diagnostics(
+                    queries,
+                    passages,
+                    n_passages=n_passages,
+                    temperature=self.cfg.loss.temperature,
+                    in_batch_negatives=self.cfg.loss.in_batch_negatives,
+                    doc_ids=keys,
+                    positive_ids=positive_ids,
+                    offset=offset,
+                )
+            )
         # The loss labels documents over the (gathered) keys; positive_ids stay local (local queries').
         return self.loss_fn(
             queries, passages, n_passages=n_passages, doc_ids=keys, positive_ids=positive_ids, offset=offset
