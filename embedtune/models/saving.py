@@ -175,12 +175,25 @@ def save_biencoder(model: BiEncoder, path: Path, *, merge_lora: bool = True, dty
     # PEFT re-reads the base config (a stock `llama` beside our `llama_bidirec` class): an expected
     # type-mismatch warning, and per-shard progress bars, that would only confuse a user.
     with quiet_transformers(), staged_folder(target) as staged:
-        _save_biencoder(model, staged, merge_lora=merge_lora, name=target.name, dtype=SAVE_DTYPES[dtype])
+        _save_biencoder(
+            model,
+            staged,
+            merge_lora=merge_lora,
+            name=target.name,
+            dtype=SAVE_DTYPES[dtype],
+            run_dir=target.parent,
+        )
     return Path(path)
 
 
 def _save_biencoder(
-    model: BiEncoder, path: Path, *, merge_lora: bool, name: str, dtype: torch.dtype | None
+    model: BiEncoder,
+    path: Path,
+    *,
+    merge_lora: bool,
+    name: str,
+    dtype: torch.dtype | None,
+    run_dir: Path | None = None,
 ) -> Path:
     backbone = model.backbone
     is_peft = hasattr(backbone, "peft_config")
@@ -189,7 +202,7 @@ def _save_biencoder(
         backbone.save_pretrained(str(path))  # adapter_config.json + adapter_model.safetensors
         model.tokenizer.save_pretrained(str(path))
         settings.save(path)
-        write_model_card(path, model, adapter=True, name=name)
+        write_model_card(path, model, adapter=True, name=name, run_dir=run_dir)
         return path
 
     base = model.base_model
@@ -215,15 +228,157 @@ def _save_biencoder(
             **{**settings.__dict__, "source": {**settings.source, "lora_merged": True}}
         )
     settings.save(path)
-    write_model_card(path, model, adapter=False, name=name)
+    write_model_card(path, model, adapter=False, name=name, run_dir=run_dir)
     return path
 
 
-def write_model_card(path: Path, model: BiEncoder, *, adapter: bool, name: str | None = None) -> None:
-    """A README.md with the facts a user needs to use the model correctly (``name``: the folder's name)."""
+#: embedtune's short model names -> the hub ids of the models they are (for model cards).
+HUB_IDS: dict[str, str] = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def base_model_id(name_or_path: str) -> str | None:
+    """The hub id of the base model: short names mapped, ``org/name`` kept, local paths followed through
+    their ``embedtune.json``; None when unknown (a random test model, a path with no record)."""
+    if name_or_path in HUB_IDS:
+        return HUB_IDS[name_or_path]
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        try:
+            settings = json.loads((local / "embedtune.json").read_text(encoding="utf-8"))
+            inner = settings.get("source", {}).get("base_model") or settings.get("source", {}).get(
+                "name_or_path"
+            )
+        except (OSError, ValueError, AttributeError):
+            return None
+        return base_model_id(inner) if isinstance(inner, str) and inner != name_or_path else None
+    parts = name_or_path.split("/")
+    if len(parts) == 2 and all(parts) and not name_or_path.startswith((".", "~")):
+        return name_or_path
+    return None
+
+
+def _training_facts(run_dir: Path) -> dict[str, Any] | None:
+    """Data, settings and final metrics of the run that wrote ``run_dir/model`` (None when not a run)."""
+    recipe = run_dir / "recipe.yaml"
+    if not recipe.is_file():
+        return None
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    facts: dict[str, Any] = {"config": cfg}
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.is_file():
+        import warnings
+
+        from embedtune.training.monitor import read_metrics, summarize_run
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                records = read_metrics(metrics_path)
+            except ValueError:
+                records = []
+        metric = (cfg.get("validation") or {}).get("metric")
+        facts["summary"] = summarize_run(records, (metric,) if metric else ())
+        facts["first_validation"] = next((r for r in records if any(k.startswith("val/") for k in r)), None)
+    return facts
+
+
+def _training_section(facts: dict[str, Any] | None) -> str:
+    if not facts:
+        return ""
+    cfg = facts["config"]
+    get = lambda section, key: (cfg.get(section) or {}).get(key)  # noqa: E731
+    datasets = [d.get("path", d) if isinstance(d, dict) else d for d in (get("data", "datasets") or [])]
+    lora = cfg.get("peft") or cfg.get("lora") or (cfg.get("model") or {}).get("lora")
+    rows = [
+        ("training data", ", ".join(f"`{d}`" for d in datasets) or "?"),
+        ("passages per query", get("data", "n_passages")),
+        (
+            "loss",
+            f"InfoNCE, temperature {get('loss', 'temperature')}, in-batch negatives "
+            f"{get('loss', 'in_batch_negatives')}",
+        ),
+        ("optimizer lr", get("optimizer", "lr")),
+        ("schedule", f"{get('lr_scheduler', 'name')}, warmup {get('lr_scheduler', 'warmup_steps')} steps"),
+        ("global batch size", get("step_scheduler", "global_batch_size")),
+        (
+            "max steps / epochs",
+            f"{get('step_scheduler', 'max_steps')} / {get('step_scheduler', 'num_epochs')}",
+        ),
+        ("bf16", cfg.get("bf16")),
+        ("LoRA", json.dumps(lora) if lora else "no (full fine-tuning)"),
+        ("seed", cfg.get("seed")),
+    ]
+    lines = ["## Training", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows if v is not None]
+    summary = facts.get("summary") or {}
+    if summary.get("steps"):
+        lines += [
+            "",
+            f"Trained for {summary['steps']} optimizer steps"
+            + (
+                f"; loss {summary['first_loss']:.4f} → {summary['final']['loss']:.4f}."
+                if "first_loss" in summary and "loss" in summary.get("final", {})
+                else "."
+            ),
+        ]
+    first, final, best = (
+        facts.get("first_validation"),
+        summary.get("final_validation"),
+        summary.get("best_validation"),
+    )
+    if final:
+        data = get("validation", "data")
+        keys = [k for k in final if k.startswith("val/") and isinstance(final[k], (int, float))]
+        keys = [k for k in keys if "@" in k and not k.endswith("_s")][:8]
+        lines += [
+            "",
+            f"Validation on `{data}` (full-corpus retrieval, trec_eval semantics):",
+            "",
+            "| metric | before training | final | best (step) |",
+            "|---|---:|---:|---:|",
+        ]
+        for k in keys:
+            b = f"{first[k]:.4f}" if first and isinstance(first.get(k), (int, float)) else ""
+            bb = f"{best[k]:.4f} ({best['step']})" if best and isinstance(best.get(k), (int, float)) else ""
+            lines.append(f"| {k.removeprefix('val/')} | {b} | {final[k]:.4f} | {bb} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(
+    path: Path,
+    model: BiEncoder,
+    *,
+    adapter: bool,
+    name: str | None = None,
+    run_dir: Path | None = None,
+) -> None:
+    """A README.md with the facts a user needs to use the model correctly and to know what it is.
+
+    Args:
+        path: the folder being written.
+        model: the model.
+        adapter: the folder holds a PEFT adapter (loads with embedtune), not full weights.
+        name: the folder's final name (for the snippets).
+        run_dir: the training run's folder (``recipe.yaml``, ``metrics.jsonl``): its data, settings and
+            metrics go into the card.
+    """
     name = name or path.name
     s = model.settings
-    source = s.source.get("name_or_path", "unknown")
+    source = str(s.source.get("name_or_path", "unknown"))
+    hub_id = base_model_id(source)
+    base = (
+        f"`{hub_id}`" + (f" (embedtune name `{source}`)" if hub_id != source else "")
+        if hub_id
+        else f"`{source}`"
+    )
     conversion = (
         f"converted from a causal decoder (`{s.source.get('model_type', '?')}`) to bidirectional attention "
         "(`config.is_causal = false`, verified at load)"
@@ -231,17 +386,79 @@ def write_model_card(path: Path, model: BiEncoder, *, adapter: bool, name: str |
         else "the backbone's own attention"
     )
     qp, pp = json.dumps(s.query_prefix), json.dumps(s.passage_prefix)
+    if adapter:
+        front = [
+            "library_name: peft",
+            "pipeline_tag: feature-extraction",
+            "tags: [embedtune, lora, text-embeddings]",
+        ]
+    else:
+        front = [
+            "library_name: sentence-transformers",
+            "pipeline_tag: sentence-similarity",
+            "tags: [embedtune, sentence-transformers, feature-extraction, text-embeddings]",
+        ]
+    if hub_id:
+        front.append(f"base_model: {hub_id}")
+    stored = (
+        "a PEFT LoRA adapter over the base model (load with embedtune, which rebuilds the encoder settings; "
+        "sentence-transformers and plain transformers need the merged folder)"
+        if adapter
+        else "full safetensors weights"
+    )
+    if s.pooling == "cls":
+        pool_code = "emb = hidden[:, 0]                                           # CLS pooling"
+    elif s.pooling in ("last", "last_token"):
+        pool_code = (
+            'last = batch["attention_mask"].cumsum(1).argmax(1)          # last real token, either padding side\n'
+            "emb = hidden[torch.arange(len(last)), last]"
+        )
+    else:
+        pool_code = (
+            'mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)\n'
+            "emb = (hidden * mask).sum(1) / mask.sum(1)                   # mean pooling"
+        )
+    norm_code = "\nemb = torch.nn.functional.normalize(emb, dim=-1)" if s.normalize else ""
+    caveat = []
+    if s.pooling not in ("cls", "last", "last_token", "mean"):
+        caveat.append(f"this model pools with `{s.pooling}`; the snippet shows mean pooling")
+    if not s.pool_instruction and (s.query_prefix or s.passage_prefix):
+        caveat.append("embedtune excludes the prefix tokens from pooling; the snippet does not")
+    note = (
+        f"\n(Approximate: {'; '.join(caveat)}. Use embedtune or sentence-transformers for the exact vectors.)\n"
+        if caveat
+        else ""
+    )
+    plain = f"""With plain transformers (no embedtune):
+```python
+import torch
+from transformers import AutoModel, AutoTokenizer
+tok = AutoTokenizer.from_pretrained("{name}")
+tok.padding_side = "{s.padding_side}"
+model = AutoModel.from_pretrained("{name}").eval()  # config.json holds is_causal: false where it applies
+batch = tok([{qp} + "how do vaccines work?"], padding=True, truncation=True, max_length={s.max_length},
+            return_tensors="pt")
+with torch.no_grad():
+    hidden = model(**batch).last_hidden_state  # (batch, seq, dim)
+{pool_code}{norm_code}
+```
+{note}"""
+    st = f"""With sentence-transformers (prompts are stored with the model):
+```python
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer("{name}")
+q = model.encode(["how do vaccines work?"], prompt_name="query")
+d = model.encode(["Vaccines train the immune system ..."], prompt_name="document")
+```
+"""
     card = f"""---
-library_name: sentence-transformers
-pipeline_tag: sentence-similarity
-tags: [embedtune, sentence-transformers, feature-extraction, text-embeddings]
-base_model: {source}
+{chr(10).join(front)}
 ---
 # Text-embedding model (embedtune)
 
 | setting | value |
 |---|---|
-| base model | `{source}` |
+| base model | {base} |
 | attention | {conversion} |
 | pooling | `{s.pooling}`{"" if s.pool_instruction else " (prefix/instruction tokens excluded)"} |
 | L2-normalised | {s.normalize} |
@@ -250,8 +467,9 @@ base_model: {source}
 | passage prefix | `{pp}` |
 | max tokens | {s.max_length} |
 | padding side | {s.padding_side} |
-| stored as | {"a PEFT LoRA adapter (load with embedtune)" if adapter else "full safetensors weights"} |
+| stored as | {stored} |
 
+{_training_section(_training_facts(run_dir) if run_dir is not None else None)}
 ## Use it
 ```python
 from embedtune import AutoBiEncoder
@@ -260,12 +478,5 @@ q = model.encode_queries(["how do vaccines work?"])
 d = model.encode_documents(["Vaccines train the immune system ..."])
 print(q @ d.T)
 ```
-With sentence-transformers (prompts are stored with the model):
-```python
-from sentence_transformers import SentenceTransformer
-model = SentenceTransformer("{name}")
-q = model.encode(["how do vaccines work?"], prompt_name="query")
-d = model.encode(["Vaccines train the immune system ..."], prompt_name="document")
-```
-"""
+{"" if adapter else st + chr(10) + plain}"""
     (path / "README.md").write_text(card, encoding="utf-8")

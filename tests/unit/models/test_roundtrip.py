@@ -284,3 +284,57 @@ def test_saved_real_models_are_reproduced_by_every_reader_to_1e5(tmp_path, name)
     kw = dict(query_prefix="query: ", passage_prefix="passage: ") if name != "minilm" else {}
     folder = AutoBiEncoder.from_pretrained(name, **kw).save_pretrained(tmp_path / "m")
     _readers_reproduce_embedtune(folder, SENTENCES[:12], atol=1e-5)
+
+
+def test_the_model_card_names_the_hub_base_model_the_training_run_and_its_metrics(tmp_path):
+    import yaml
+
+    from embedtune.models.saving import base_model_id
+
+    assert base_model_id("minilm") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert base_model_id("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_id("org/model") == "org/model" and base_model_id("tiny-llama") is None
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recipe = {
+        "model": {"name_or_path": "smollm2-135m"},
+        "data": {"datasets": [{"path": "data/train.json"}], "n_passages": 2},
+        "loss": {"temperature": 0.05, "in_batch_negatives": True},
+        "optimizer": {"lr": 2e-5},
+        "lr_scheduler": {"name": "linear", "warmup_steps": 5},
+        "step_scheduler": {"global_batch_size": 32, "max_steps": 30},
+        "validation": {"data": "data/test", "metric": "ndcg@10"},
+    }
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    records = [
+        {"step": 0, "val/ndcg@10": 0.41, "val/recall@10": 0.5},
+        {"step": 1, "loss": 2.5, "lr": 1e-5},
+        {"step": 30, "loss": 0.7, "lr": 0.0},
+        {"step": 30, "val/ndcg@10": 0.62, "val/recall@10": 0.7},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    model = AutoBiEncoder.from_pretrained("tiny-llama", pooling="last", query_prefix="query: ")
+    model.settings.source["name_or_path"] = "smollm2-135m"  # as if converted from the real model
+    card = (model.save_pretrained(run / "model") / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert (
+        "`data/train.json`" in card
+        and "| optimizer lr | 2e-05 |" in card
+        and "| global batch size | 32 |" in card
+    )
+    assert "| ndcg@10 | 0.4100 | 0.6200 | 0.6200 (30) |" in card
+    assert "loss 2.5000 → 0.7000" in card
+    assert (
+        'SentenceTransformer("model")' in card and "cumsum(1).argmax(1)" in card
+    )  # last-token pooling snippet
+    # The adapter's card says what it is and does not offer loaders that cannot read it.
+    from peft import LoraConfig, get_peft_model
+
+    model.backbone = get_peft_model(model.backbone, LoraConfig(r=2, target_modules="all-linear"))
+    adapter_card = (model.save_pretrained(run / "adapter", merge_lora=False) / "README.md").read_text()
+    assert "library_name: peft" in adapter_card and "SentenceTransformer(" not in adapter_card
+    assert (
+        "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in adapter_card
+        and "`data/train.json`" in adapter_card
+    )
