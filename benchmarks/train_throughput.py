@@ -113,7 +113,7 @@ def worker(args: argparse.Namespace) -> dict:
     else:
         from embedtune.config import load_config
         from embedtune.training.config import TrainConfig
-        from embedtune.training.recipe import BiEncoderRecipe
+        from embedtune.training.recipe import Recipe
 
         cfg = load_config(
             TrainConfig,
@@ -135,12 +135,13 @@ def worker(args: argparse.Namespace) -> dict:
                 "logging": {"progress_bar": False, "tensorboard": False, "plot": False},
             },
         )
-        recipe = BiEncoderRecipe(cfg)
+        recipe = Recipe(cfg)
         recipe.setup()
         from embedtune.data.corpus import text_hash
         from embedtune.data.dataset import TrainItem
+        from embedtune.training.parallel import Parallel
 
-        shape = _linear_params(recipe.model.base_model)
+        shape = _linear_params(Parallel.unwrap(recipe.model).base_model)
 
         def step(batch: list[tuple[str, str, str]]) -> float:
             items = [
