@@ -476,6 +476,9 @@ class TrainConfig:
     """Input template of the cross-encoder (``recipe: rerank`` only)."""
     mining: MiningConfig | None = None
     """Re-mine hard negatives during training with the current model; null: the data's negatives throughout."""
+    pipeline: dict[str, Any] | None = None
+    """The stages ``embedtune finetune`` runs around training (inputs, mining settings); written by
+    ``finetune`` into its recipe and ignored by ``embedtune train``."""
 
     def __post_init__(self) -> None:
         check_master_weights(self)

@@ -1,0 +1,176 @@
+"""`embedtune finetune` end to end on tiny models: stages, rerun, kill + resume, the recipe it writes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _train_helpers import cli_env, final_weights, write_pairs
+
+from embedtune.finetune.pipeline import FinetuneOptions, run_finetune
+from embedtune.finetune.split import normalise_query
+
+# Small and quick: 8 steps, one thread, no margin filter (a random model scores everything alike).
+SETTINGS = [
+    "num_threads=1",
+    "step_scheduler.max_steps=8",
+    "step_scheduler.ckpt_every_steps=2",
+    "data.p_max_len=32",
+    "data.q_max_len=16",
+    "model.max_length=32",
+    "logging.progress_bar=false",
+    "logging.plot=false",
+    "pipeline.mining.margin=null",
+]
+
+
+def _options(data: Path, out: Path, **kw) -> FinetuneOptions:
+    return FinetuneOptions(
+        model="tiny-bert", data=str(data), output=str(out), overrides=SETTINGS, ci_resamples=50, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
+    tmp = tmp_path_factory.mktemp("finetune")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EMBEDTUNE_CACHE_DIR", str(tmp / "cache"))
+    data = write_pairs(tmp / "pairs.jsonl", n=48)
+    result = run_finetune(_options(data, tmp / "run"))
+    yield tmp, data, result
+    mp.undo()
+
+
+def test_whole_pipeline(finished) -> None:
+    tmp, _, result = finished
+    out = tmp / "run"
+    assert result.exit_code == 0 and result.ran == ["validate", "mine", "eval_before", "train", "eval_after"]
+    assert (out / "model" / "config.json").is_file() and result.model_dir == out / "model"
+    mined = json.loads((out / "data" / "train_mined.json").read_text())
+    assert sum(len(r["neg_doc"]) for r in mined["data"]) > 0  # hard negatives were mined
+    for name in ("before", "after"):
+        assert 0 <= json.loads((out / "eval" / f"{name}.json").read_text())["metrics"]["ndcg@10"] <= 1
+    assert result.before != result.after  # the model changed
+
+
+def test_heldout_split_shares_no_document_and_no_query_with_training(finished) -> None:
+    tmp, _, _ = finished
+    out = tmp / "run"
+    mined = json.loads((out / "data" / "train_mined.json").read_text())
+    held_q = [json.loads(line)["text"] for line in (out / "data" / "heldout" / "queries.jsonl").open()]
+    held_docs = {
+        line.split("\t")[1] for line in list((out / "data" / "heldout" / "qrels" / "test.tsv").open())[1:]
+    }
+    train_docs = {d["id"] for r in mined["data"] for d in r["pos_doc"] + r["neg_doc"]}
+    assert held_q and held_docs
+    assert not held_docs & train_docs
+    assert not {normalise_query(q) for q in held_q} & {normalise_query(r["question"]) for r in mined["data"]}
+
+
+def test_rerun_skips_done_stages(finished, capsys) -> None:
+    tmp, data, first = finished
+    again = run_finetune(_options(data, tmp / "run"))
+    assert again.ran == [] and again.skipped == first.ran
+    assert again.after == first.after
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_other_inputs_in_the_same_folder_are_refused(finished) -> None:
+    tmp, data, _ = finished
+    with pytest.raises(Exception, match="other inputs"):
+        run_finetune(_options(data, tmp / "run", heldout_fraction=0.2))
+
+
+@pytest.mark.slow
+def test_written_recipe_trains_to_the_same_model(finished) -> None:
+    """`embedtune train DIR/finetune.yaml` (pipeline block ignored) gives the model finetune saved."""
+    tmp, _, _ = finished
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedtune",
+            "train",
+            str(tmp / "run" / "finetune.yaml"),
+            f"output_dir={tmp / 'by_train'}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**cli_env(), "EMBEDTUNE_CACHE_DIR": str(tmp / "cache")},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, theirs = final_weights(tmp / "run" / "model"), final_weights(tmp / "by_train" / "model")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+# ------------------------------------------------------------------------------------ killed runs
+def _cmd(data: Path, out: Path) -> list[str]:
+    sets = [a for s in SETTINGS for a in ("--set", s)]
+    return [
+        sys.executable,
+        "-m",
+        "embedtune",
+        "finetune",
+        "--model",
+        "tiny-bert",
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--ci-resamples",
+        "50",
+        *sets,
+    ]
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"finished before the kill: {proc.stdout.read()[-2000:]}")
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError("timed out waiting for the moment to kill")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("during", ["mine", "train"])
+def test_killed_run_resumes_to_the_uninterrupted_model(tmp_path: Path, during: str) -> None:
+    env = {**cli_env(), "EMBEDTUNE_CACHE_DIR": str(tmp_path / "cache")}
+    data = write_pairs(tmp_path / "pairs.jsonl", n=48)
+    whole = subprocess.run(
+        _cmd(data, tmp_path / "whole"), env=env, capture_output=True, text=True, timeout=900
+    )
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cmd(data, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    if during == "mine":
+        # Killed once the split is done and before mining has finished.
+        _kill_when(proc, lambda: (out / "stages" / "validate.json").is_file())
+        assert not (out / "stages" / "mine.json").exists()
+    else:
+        _kill_when(proc, lambda: any((out / "checkpoints").glob("step_*/trainer_state.json")))
+        assert not (out / "stages" / "train.json").exists()
+    proc.stdout.close()
+
+    rerun = subprocess.run(_cmd(data, out), env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    if during == "train":
+        assert "skipped" in rerun.stdout and "mine: done earlier" in rerun.stdout
+    a, b = final_weights(tmp_path / "whole" / "model"), final_weights(out / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,65 @@
+"""Chosen settings make a recipe that `embedtune train` accepts; stage markers key on their inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from embedtune.finetune.settings import choose_settings
+from embedtune.finetune.stages import Stage, hash_inputs, hash_path
+from embedtune.training.config import load_train_config
+
+
+def _recipe(settings, model: str) -> dict:
+    r = dict(settings.recipe)
+    return {
+        "model": {"name_or_path": model, **r.pop("model", {})},
+        "data": {"datasets": ["x.json"], **r.pop("data")},
+        **r,
+    }
+
+
+@pytest.mark.parametrize("model_type,lora", [("bert", False), ("llama", True)])
+def test_settings_are_a_valid_recipe_with_reasons(model_type: str, lora: bool) -> None:
+    s = choose_settings(
+        model_type=model_type,
+        num_parameters=135_000_000,
+        num_train=900,
+        device="cpu",
+        fast_bf16=False,
+        max_position_embeddings=512,
+    )
+    cfg = load_train_config({**_recipe(s, "tiny-bert"), "pipeline": {"mining": s.mining}})
+    assert (cfg.peft is not None) == lora
+    assert cfg.optimizer.lr == (3e-4 if lora else 2e-5)
+    assert cfg.step_scheduler.global_batch_size == 32 and cfg.step_scheduler.num_epochs == 3
+    assert all(c.reason for c in s.choices)
+    assert cfg.pipeline == {"mining": s.mining}  # accepted by train, carried unchanged
+
+
+def test_small_data_gets_a_smaller_batch_and_large_data_fewer_epochs() -> None:
+    small = choose_settings(model_type="bert", num_parameters=1, num_train=40, device="cpu", fast_bf16=False)
+    large = choose_settings(
+        model_type="bert", num_parameters=1, num_train=50_000, device="cpu", fast_bf16=False
+    )
+    assert small.recipe["step_scheduler"]["global_batch_size"] == 4
+    assert large.recipe["step_scheduler"]["num_epochs"] == 1
+
+
+def test_stage_done_only_for_the_same_key(tmp_path: Path) -> None:
+    s = Stage(tmp_path, "mine", hash_inputs("a", 1))
+    assert not s.done()
+    s.finish({"n": 3})
+    assert s.done() and s.summary() == {"n": 3}
+    changed = Stage(tmp_path, "mine", hash_inputs("a", 2))
+    assert not changed.done() and changed.summary() == {}
+
+
+def test_hash_path_follows_content(tmp_path: Path) -> None:
+    f = tmp_path / "d" / "x.jsonl"
+    f.parent.mkdir()
+    f.write_text("one")
+    before = hash_path(f.parent), hash_path(f)
+    f.write_text("two")
+    assert hash_path(f.parent) != before[0] and hash_path(f) != before[1]
