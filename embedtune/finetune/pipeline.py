@@ -302,6 +302,7 @@ def _mine(
 def _evaluate(
     encoder: Any, split: dict[str, Any], cfg: Any, out: Path, name: str, opts: FinetuneOptions
 ) -> dict[str, Any]:
+    from embedtune.eval.cache import default_cache_dir
     from embedtune.eval.datasets import load_eval_set
     from embedtune.eval.retrieval import run_evaluation
     from embedtune.eval.stats import metric_intervals
@@ -313,7 +314,7 @@ def _evaluate(
         K_VALUES,
         batch_size=opts.encode_batch_size,
         max_length=cfg.model.max_length,
-        cache_dir=None,
+        cache_dir=default_cache_dir(),  # reuses the corpus embeddings of mining (same base model)
     )
     ci = (
         metric_intervals(
