@@ -300,13 +300,18 @@ def check_train_outputs(cfg: Any) -> None:
     check_output_dir(cfg.output_dir, "output_dir")
     ckpt = Path(cfg.checkpoint_dir)
     if cfg.checkpoint.resume is None and ckpt.is_dir():
-        found = sorted(c.name for c in _listdir(ckpt) if _is_checkpoint(c))
+        found = sorted((c.name for c in _listdir(ckpt) if _is_checkpoint(c)), key=_step_number)
         if found:
             raise UsageError(
                 f"output_dir: {ckpt} already holds checkpoints of an earlier run (latest: {found[-1]}); "
                 "continue it with checkpoint.resume=latest, or start afresh in another folder with "
                 "output_dir=runs/NEW_NAME (or delete that folder)"
             )
+
+
+def _step_number(name: str) -> tuple[int, str]:
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return (int(digits) if digits else -1, name)  # step_100 after step_80
 
 
 def _is_checkpoint(folder: Path) -> bool:
