@@ -88,7 +88,6 @@ def _args_block(opts: FinetuneOptions) -> dict[str, Any]:
         "eval": str(Path(opts.eval).resolve()) if opts.eval else None,
         "eval_split": opts.eval_split if opts.eval else None,
         "heldout_fraction": None if opts.eval else opts.heldout_fraction,
-        "export": opts.export,
     }
 
 

@@ -81,6 +81,14 @@ def test_rerun_skips_done_stages(finished, capsys) -> None:
     assert "skipped" in capsys.readouterr().out
 
 
+def test_export_added_later_runs_only_the_export_stage(finished) -> None:
+    pytest.importorskip("onnxruntime", reason="ONNX export needs the onnx extra")
+    tmp, data, first = finished
+    again = run_finetune(_options(data, tmp / "run", export="onnx"))
+    assert again.ran == ["export"] and again.skipped == first.ran
+    assert (tmp / "run" / "onnx" / "embedtune.json").is_file()
+
+
 def test_other_inputs_in_the_same_folder_are_refused(finished) -> None:
     tmp, data, _ = finished
     with pytest.raises(Exception, match="other inputs"):
