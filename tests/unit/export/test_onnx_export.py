@@ -178,7 +178,19 @@ def test_int8_export_is_quantised_smaller_verified_and_reports_ndcg_change(expor
     result = export_onnx(model, tmp_path / "int8", quantize="int8", eval_set=eval_set)
     _, fp32 = exports("tiny-bert", pooling="mean", query_prefix="query: ")
     graph = onnx.load(str(result.folder / "model.onnx"))
-    assert {"DynamicQuantizeLinear", "MatMulInteger"} & {n.op_type for n in graph.graph.node}
+    ops = {n.op_type for n in graph.graph.node}
+    weights = {t.name for t in graph.graph.initializer}
+    assert "MatMulNBits" in ops
+    # Every MatMul by a weight is int8 now; the MatMuls left multiply activations (attention scores).
+    assert not [n.name for n in graph.graph.node if n.op_type == "MatMul" and set(n.input) & weights]
+    assert {n.domain for n in graph.graph.node if n.op_type == "MatMulNBits"} == {"com.microsoft"}
+    assert all(
+        a.i == 8
+        for n in graph.graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "bits"
+    )
     assert (result.folder / "model.onnx").stat().st_size < (fp32.folder / "model.onnx").stat().st_size
     # The fp32 graph is verified before quantising; int8 is then compared with PyTorch and reported.
     assert result.fp32_parity is not None and result.fp32_parity.min_cosine >= 0.9999

@@ -60,7 +60,9 @@ def test_smollm2_export_is_exact_bidirectional_and_ignores_padding(tmp_path):
 
 def test_int8_ndcg_on_a_scifact_slice_is_within_001_of_fp32(tmp_path, shared_scifact):
     eval_set = small_beir_slice(shared_scifact, max_queries=50, max_docs=500)
-    result = export_onnx("minilm", tmp_path / "int8", quantize="int8", eval_set=eval_set, log=print)
+    result = export_onnx(
+        "minilm", tmp_path / "int8", quantize="int8", eval_set=eval_set, eval_budget_s=None, log=print
+    )
     print(f"NDCG@10 {eval_set.name}: {result.ndcg}")
     assert result.ndcg["fp32"] > 0.5  # a real retrieval score, not noise
     assert abs(result.ndcg["delta"]) <= 0.01
@@ -68,3 +70,33 @@ def test_int8_ndcg_on_a_scifact_slice_is_within_001_of_fp32(tmp_path, shared_sci
     assert retrieval_ndcg(OnnxBiEncoder.from_pretrained(result.folder), eval_set) == pytest.approx(
         result.ndcg["int8"]
     )
+
+
+def test_smollm2_int8_passes_the_default_gate_and_its_ndcg_check_ends_within_the_budget(tmp_path):
+    import time
+
+    from embedtune.export.verify import MIN_COSINE, SmallEvalSet
+
+    docs = [f"passage {i} about {w}" for i, w in enumerate(["cells", "ships", "rain", "jazz", "bread"] * 40)]
+    eval_set = SmallEvalSet(
+        name="toy",
+        queries={"q0": "cells", "q1": "jazz music", "q2": "rain"},
+        qrels={"q0": {"d0": 1}, "q1": {"d3": 1}, "q2": {"d2": 1}},
+        doc_ids=[f"d{i}" for i in range(len(docs))],
+        doc_texts=docs,
+    )
+    lines: list[str] = []
+    started = time.perf_counter()
+    result = export_onnx(
+        "smollm2-135m",
+        tmp_path / "int8",
+        quantize="int8",
+        eval_set=eval_set,
+        eval_budget_s=20,
+        log=lines.append,
+    )
+    print("\n".join(lines))
+    assert result.parity is not None and result.parity.min_cosine >= MIN_COSINE["int8"]
+    assert any("NDCG@10 check:" in line and "documents encoded twice" in line for line in lines)
+    assert result.ndcg_slice["seconds"] < 20 + 60  # the budget, plus at most one chunk of two encoders
+    print(f"whole int8 export {time.perf_counter() - started:.0f} s; {result.to_dict()}")
