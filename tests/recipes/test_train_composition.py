@@ -82,3 +82,61 @@ def test_fsdp2_equals_ddp_with_clipping_active(tmp_path):
         ]
         assert len(norms) == 3 and min(norms) > 10 * clip, norms  # every step was clipped
     _assert_close_runs(tmp_path / "ddp" / "run", tmp_path / "fsdp" / "run", tol=1e-5)
+
+
+def _two_ranks(recipe: Path, log_dir: Path, *extra: str) -> list[subprocess.Popen]:
+    """The two ranks as plain processes (torchrun's environment), so that the test can SIGKILL them."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for rank in range(2):
+        env = {**cli_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        log = open(log_dir / f"rank{rank}.log", "ab")  # noqa: SIM115
+        cmd = [sys.executable, "-m", "embedtune.train", str(recipe), *extra]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen], timeout: float = 600) -> list[int]:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+@pytest.mark.parametrize("task", ["biencoder", "distill", "rerank"])
+def test_two_ranks_sigkill_then_resume_is_bitwise_identical(tmp_path, task):
+    import signal
+    import time
+
+    import torch
+
+    steps = {"local_batch_size": 2, "max_steps": 6, "ckpt_every_steps": 2}
+    sections = task_sections(task, tmp_path)
+    ref = _recipe(tmp_path, "ref", **sections, step_scheduler=steps)
+    run = _recipe(tmp_path, "run", **sections, step_scheduler=steps)
+    assert _wait(_two_ranks(ref, tmp_path / "ref")) == [0, 0]
+
+    procs = _two_ranks(run, tmp_path / "run")
+    run_dir = tmp_path / "run" / "run"
+    deadline = time.monotonic() + 600
+    while not (run_dir / "metrics.jsonl").is_file() or max(losses(run_dir), default=0) < 3:
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+        time.sleep(0.02)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    assert _wait(procs) == [-signal.SIGKILL] * 2
+    assert max(losses(run_dir)) < 6, "the run finished before it could be killed"
+
+    assert _wait(_two_ranks(run, tmp_path / "run", "checkpoint.resume=latest")) == [0, 0]
+    assert losses(run_dir) == losses(tmp_path / "ref" / "run")  # floats compared exactly
+    want, got = final_weights(tmp_path / "ref" / "run" / "model"), final_weights(run_dir / "model")
+    assert want.keys() == got.keys() and want
+    assert all(torch.equal(want[k], got[k]) for k in want)
