@@ -290,10 +290,10 @@ def _mine(
         train, result, out / "data" / "train_mined.json", input_path=opts.data, output_format="corpus_id"
     )
     counts = [len(ex.negatives) for ex in result.examples]
+    margin = "off" if settings.margin is None else f"{settings.margin_type} {settings.margin}"
     _say(
         f"mined {sum(counts)} hard negatives for {len(counts)} queries (window {settings.range_start}:"
-        f"{settings.range_end}, margin {settings.margin_type} {settings.margin}); {dropped} held-out "
-        "documents left out"
+        f"{settings.range_end}, margin {margin}); {dropped} negatives that are held-out documents left out"
     )
     return {"written": [str(p) for p in paths], "negatives": sum(counts), "queries": len(counts)}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from _train_helpers import cli_env, final_weights, write_pairs
 
 from embedtune.finetune.pipeline import FinetuneOptions, run_finetune
@@ -117,6 +118,22 @@ def test_written_recipe_trains_to_the_same_model(finished) -> None:
     ours, theirs = final_weights(tmp / "run" / "model"), final_weights(tmp / "by_train" / "model")
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.slow
+def test_decoder_trains_under_lora(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoder gets a peft block (LoRA), bidirectional attention and prefixes; adapter and merged model saved."""
+    monkeypatch.setenv("EMBEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    data = write_pairs(tmp_path / "pairs.jsonl", n=48)
+    opts = _options(data, tmp_path / "run")
+    opts.model = "tiny-llama"
+    result = run_finetune(opts)
+    recipe = yaml.safe_load((tmp_path / "run" / "finetune.yaml").read_text())
+    assert recipe["peft"]["match_all_linear"] and recipe["model"]["bidirectional"]
+    assert recipe["model"]["query_prefix"] == "query: "
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    assert result.exit_code == 0 and (tmp_path / "run" / "model" / "config.json").is_file()
+    assert result.before != result.after
 
 
 # ------------------------------------------------------------------------------------ killed runs
