@@ -289,7 +289,7 @@ def check_recipe_paths(cfg: Any) -> None:
         folder = existing_path(resume, "checkpoint.resume:", kind="dir")
         if not _is_checkpoint(folder):
             raise UsageError(
-                f"checkpoint.resume: {resume} is not a checkpoint folder (no trainer_state.json); "
+                f"checkpoint.resume: {resume} is not a checkpoint folder (no checkpoint.json); "
                 "use latest, best, or a step_* folder"
             )
     check_model(cfg.model.name_or_path, "model.name_or_path:")
@@ -315,7 +315,8 @@ def _step_number(name: str) -> tuple[int, str]:
 
 
 def _is_checkpoint(folder: Path) -> bool:
-    # The single-process layout (trainer_state.json) and the distributed one (dcp/.metadata).
-    return folder.is_dir() and (
-        (folder / "trainer_state.json").is_file() or (folder / "dcp" / ".metadata").is_file()
+    # A checkpoint (its commit marker), or one of the two layouts of embedtune before issue #11
+    # (trainer_state.json; dcp/.metadata): those cannot be resumed, but a fresh run must not mix with them.
+    return folder.is_dir() and any(
+        (folder / marker).is_file() for marker in ("checkpoint.json", "trainer_state.json", "dcp/.metadata")
     )

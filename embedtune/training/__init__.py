@@ -13,7 +13,7 @@ Modules:
     config         ``TrainConfig`` and its blocks; ``load_train_config`` (typed, validated, overrides).
     loss           ``InfoNCELoss`` / ``info_nce``: hard + in-batch negatives, ID masking, Matryoshka.
     gradcache      ``GradCache``: the loss over a large batch, encoded chunk by chunk, exact gradients.
-    checkpoint     checkpoints: atomic, rotating, resumable; RNG capture/restore.
+    checkpoint     ``Checkpointer``: one format for 1 process and N ranks (DCP), atomic, verified, exact resume.
     optim          optimizer and LR-schedule registries (``adamw``, ``sgd``; ``constant|linear|cosine``).
     monitor        progress bar, ``metrics.jsonl``, TensorBoard (optional), ``loss.png``.
     validate       ``check_recipe``: files, model architecture and LoRA targets, without loading weights.

@@ -319,6 +319,11 @@ class CheckpointConfig:
     from ``latest`` when one exists."""
     load_best_at_end: bool = True
     """With validation on, save the best checkpoint's weights as the final model."""
+    allow_config_change: bool = False
+    """Resume although the recipe or its training data changed since the checkpoint was written (each
+    change is printed). Off: such a resume is refused, naming what changed. Keys that may change on
+    resume without this (``max_steps``, ``num_epochs``, ``max_time_minutes``, logging, ...) are listed
+    in ``docs/checkpoints.md``."""
 
     def __post_init__(self) -> None:
         if self.keep_last < 1:

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from embedtune.training.batching import BatchPlan, plan_batches, slice_batch
-from embedtune.training.checkpoint import DistributedCheckpointer, save_consolidated
+from embedtune.training.checkpoint import save_consolidated
 from embedtune.training.collectives import (
     agree_on_signal,
     all_gather_sizes,
@@ -45,7 +45,6 @@ from embedtune.training.wrapping import (
 __all__ = [
     "BatchPlan",
     "DistContext",
-    "DistributedCheckpointer",
     "DistributedConfig",
     "DistributedError",
     "ForwardingDDP",

@@ -38,13 +38,7 @@ import yaml
 
 from embedtune.config import config_to_dict
 from embedtune.errors import ConfigError, EmbedtuneError
-from embedtune.training.checkpoint import (
-    CheckpointManager,
-    DistributedCheckpointer,
-    TrainState,
-    capture_rng_state,
-    restore_rng_state,
-)
+from embedtune.training.checkpoint import Checkpointer, Fingerprint, TrainState, data_paths
 from embedtune.training.config import TrainConfig
 from embedtune.training.loss import same_document_ids
 from embedtune.training.monitor import TrainingMonitor
@@ -107,11 +101,12 @@ class _SilentMonitor:
 class RecipeCheckpoints:
     """The recipe's one seam for every checkpoint save and restore.
 
-    It saves and restores the recipe's parts (model or adapter weights, optimizer, scheduler, RNG,
-    :class:`TrainState` with the validator's state) and answers ``latest``/``best``. Today it writes
-    :class:`~embedtune.training.checkpoint.CheckpointManager` checkpoints in one process and
-    :class:`~embedtune.training.checkpoint.DistributedCheckpointer` (DCP) ones under ``torchrun``; the
-    one-format checkpointer of issue #11 replaces both behind these same methods.
+    One :class:`~embedtune.training.checkpoint.Checkpointer` for one process and for every rank under
+    ``torchrun`` (one format, see ``docs/checkpoints.md``): the model's trainable weights (LoRA: the
+    adapter) and optimizer through DCP, the LR scheduler, every rank's RNG, the :class:`TrainState`
+    (data position, validator state) and a fingerprint of the recipe and its data, which a resume must
+    match (``checkpoint.allow_config_change`` overrides; another rank count needs
+    ``distributed.resume_on_other_world_size``).
 
     Args:
         recipe: the recipe whose parts are saved (read at each call, so replaced parts are seen).
@@ -120,21 +115,20 @@ class RecipeCheckpoints:
     def __init__(self, recipe: Recipe) -> None:
         cfg, parallel = recipe.cfg, recipe.parallel
         self.recipe = recipe
-        self.distributed = parallel.world_size > 1
-        if self.distributed:
-            self.store: Any = DistributedCheckpointer(
-                cfg.checkpoint_dir,
-                parallel.ctx,
-                keep_last=cfg.checkpoint.keep_last,
-                strategy=parallel.strategy,
-            )
-        else:
-            self.store = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.checkpoint.keep_last)
+        self.store = Checkpointer(
+            cfg.checkpoint_dir,
+            keep_last=cfg.checkpoint.keep_last,
+            rank=parallel.rank,
+            world_size=parallel.world_size,
+            strategy=parallel.strategy,
+        )
+        plain = config_to_dict(cfg)
+        self.fingerprint = Fingerprint.of(plain, data_paths(plain))
 
     @property
     def root(self) -> Path:
         """The checkpoint folder."""
-        return Path(self.store.root)
+        return self.store.root
 
     def list(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -149,8 +143,11 @@ class RecipeCheckpoints:
         return self.store.best()
 
     def resolve(self, resume: str) -> Path:
-        """``latest``, ``best`` or a folder → a complete checkpoint (raises ``CheckpointError``)."""
-        return self.store.resolve(resume)
+        """``latest`` (the newest intact one), ``best`` or a folder → a verified checkpoint (raises
+        ``CheckpointError`` naming the damaged file)."""
+        path = self.store.resolve(resume)
+        assert path is not None  # only resume="auto" on an empty folder gives None
+        return path
 
     def saved_this_step(self) -> bool:
         """True when the newest checkpoint is of the current step."""
@@ -160,49 +157,31 @@ class RecipeCheckpoints:
     def save(self, *, is_best: bool = False) -> Path:
         """Write a checkpoint of the current step (a collective under ``torchrun``)."""
         r = self.recipe
-        if self.distributed:
-            return self.store.save(
-                r.model, r.optimizer, state=r.state, scheduler=r.scheduler.state_dict(), is_best=is_best
-            )
         return self.store.save(
-            model=r.task.trainable_state(r.model),
-            optimizer=r.optimizer.state_dict(),
-            scheduler=r.scheduler.state_dict(),
-            state=r.state,
-            rng=capture_rng_state(),
+            r.state,
+            model=r.model,
+            optimizer=r.optimizer,
+            scheduler=r.scheduler,
+            fingerprint=self.fingerprint,
             is_best=is_best,
         )
 
     def restore(self, path: Path) -> TrainState:
         """Restore model, optimizer, scheduler and RNG from ``path``; returns its train state."""
         r = self.recipe
-        if self.distributed:
-            allow = r.cfg.distributed.resume_on_other_world_size
-            state, scheduler = self.store.load(path, r.model, r.optimizer, allow_world_change=allow)
-            r.scheduler.load_state_dict(scheduler)
-            return state
-        ck = self.store.load(path)
-        missing = set(r.task.trainable_state(r.model)) - set(ck.model)
-        if missing:
-            raise EmbedtuneError(
-                f"{path}: checkpoint does not match this recipe's model (missing {sorted(missing)[:3]}); "
-                "resume with the recipe that wrote it"
-            )
-        Parallel.unwrap(r.model).load_state_dict(ck.model, strict=False)
-        r.optimizer.load_state_dict(ck.optimizer)
-        r.scheduler.load_state_dict(ck.scheduler)
-        restore_rng_state(ck.rng)
-        return ck.state
+        return self.store.load(
+            path,
+            model=r.model,
+            optimizer=r.optimizer,
+            scheduler=r.scheduler,
+            fingerprint=self.fingerprint,
+            allow_config_change=r.cfg.checkpoint.allow_config_change,
+            allow_world_change=r.cfg.distributed.resume_on_other_world_size,
+        )
 
     def load_weights(self, path: Path) -> TrainState:
         """Load only the model weights of ``path`` (the best checkpoint at the end)."""
-        r = self.recipe
-        if self.distributed:
-            state, _ = self.store.load(path, r.model, None, allow_world_change=True)
-            return state
-        ck = self.store.load(path)
-        Parallel.unwrap(r.model).load_state_dict(ck.model, strict=False)
-        return ck.state
+        return self.store.load_model(path, self.recipe.model)
 
 
 class Recipe:

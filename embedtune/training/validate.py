@@ -111,10 +111,11 @@ def check_recipe(cfg: TrainConfig, *, check_files: bool = True) -> list[str]:
         if (
             resume
             and resume not in ("latest", "best", "auto")
-            and not (Path(resume) / "trainer_state.json").is_file()
+            and not (Path(resume) / "checkpoint.json").is_file()
         ):
             raise ConfigError(
-                f"checkpoint.resume: {resume} is not a checkpoint folder (no trainer_state.json)"
+                f"checkpoint.resume: {resume} is not a checkpoint folder (no checkpoint.json); "
+                "use latest, best or a step_* folder"
             )
         hf_config, note = _model_config(cfg.model.name_or_path)
         notes.append(note)

@@ -37,18 +37,13 @@ from embedtune.training.checkpoint.checkpointer import Checkpointer, Stateful, T
 from embedtune.training.checkpoint.consolidate import save_consolidated
 from embedtune.training.checkpoint.fingerprint import MAY_CHANGE_ON_RESUME, Fingerprint, data_paths
 from embedtune.training.checkpoint.folder import CheckpointError, CheckpointWarning
-from embedtune.training.checkpoint.legacy_dcp import DistributedCheckpointer
-from embedtune.training.checkpoint.manager import Checkpoint, CheckpointManager
 from embedtune.training.checkpoint.rng import capture_rng_state, restore_rng_state
 
 __all__ = [
     "MAY_CHANGE_ON_RESUME",
-    "Checkpoint",
     "CheckpointError",
-    "CheckpointManager",
     "CheckpointWarning",
     "Checkpointer",
-    "DistributedCheckpointer",
     "Fingerprint",
     "Stateful",
     "TrainState",

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _dist_workers import N_PASSAGES, synthetic_batch, tiny_encoder
 
 from embedtune.training import distributed as D
-from embedtune.training.checkpoint import TrainState
+from embedtune.training.checkpoint import Checkpointer, TrainState
 from embedtune.training.loss import InfoNCELoss, LossConfig
 from embedtune.training.signals import StopSignals
 
@@ -70,13 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         model = D.wrap_model(enc, args.strategy, ctx)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
-        ckpt = D.DistributedCheckpointer(out / "ckpt", ctx, keep_last=2, strategy=args.strategy)
+        ckpt = Checkpointer(out / "ckpt", keep_last=2, strategy=args.strategy)
         loss_fn = InfoNCELoss(LossConfig(temperature=0.05))
         plan = D.plan_batches(args.global_batch, args.local_batch, ctx.world_size, ctx.rank)
         state = TrainState()
         if args.resume:
-            state, sched_state = ckpt.load(ckpt.resolve("latest"), model, opt)
-            sched.load_state_dict(sched_state)
+            state = ckpt.load(ckpt.resolve("latest"), model=model, optimizer=opt, scheduler=sched)
         else:
             torch.manual_seed(args.seed + 1000 * (ctx.rank + 1))  # each rank its own dropout stream
 
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.sleep)
             sig = D.agree_on_signal(signals.received, ctx)
             if sig or (args.ckpt_every and state.step % args.ckpt_every == 0):
-                ckpt.save(model, opt, state=state, scheduler=sched.state_dict())
+                ckpt.save(state, model=model, optimizer=opt, scheduler=sched)
             if sig:
                 print(f"rank {ctx.rank}: stopping after step {state.step} on signal {sig}", flush=True)
                 return 128 + sig

@@ -100,16 +100,17 @@ def test_sigterm_to_rank1_saves_on_both_and_resume_is_exact(tmp_path, strategy):
         codes = wait_all(procs, 240)
     assert codes == [143, 143], _logs(run)  # both ranks stopped, saved and exited together
 
-    from embedtune.training.distributed import DistributedCheckpointer
+    from embedtune.training.checkpoint import Checkpointer
 
-    latest = DistributedCheckpointer(run / "ckpt").latest()
+    latest = Checkpointer(run / "ckpt").latest()
     assert latest is not None, _logs(run)
-    stopped_at = json.loads((latest / "trainer_state.json").read_text())["step"]
-    assert 2 <= stopped_at < 6
-    for r in (0, 1):  # every rank saved its RNG and data position
+    marker = json.loads((latest / "checkpoint.json").read_text())  # the commit marker
+    stopped_at = marker["step"]
+    assert 2 <= stopped_at < 6 and marker["train_state"]["step"] == stopped_at and marker["world_size"] == 2
+    for r in (0, 1):  # every rank saved its RNG streams
+        assert f"rank_{r:05d}.safetensors" in marker["files"]
         assert (latest / f"rank_{r:05d}.safetensors").is_file()
-        assert json.loads((latest / f"rank_{r:05d}.json").read_text())["step"] == stopped_at
-    assert (latest / "dcp" / ".metadata").is_file()
+    assert (latest / "state" / ".metadata").is_file()
 
     # Resume on 2 ranks: the rest of the run is bitwise identical to the uninterrupted one.
     assert _run(run, strategy, *steps, "--resume", "--no-consolidate") == [0, 0], _logs(run)

@@ -123,8 +123,8 @@ def test_sigterm_under_torchrun_saves_and_exits_143(tmp_path, target):
     logs = (tmp_path / "launcher.log").read_text(errors="replace")
     assert code == 143, logs[-4000:]
     latest = out / "ckpt" / (out / "ckpt" / "latest").read_text().strip()
-    step = json.loads((latest / "trainer_state.json").read_text())["step"]
-    assert (latest / "dcp" / ".metadata").is_file() and 2 <= step < 8
+    step = json.loads((latest / "checkpoint.json").read_text())["step"]  # the commit marker
+    assert (latest / "state" / ".metadata").is_file() and 2 <= step < 8
     assert all((latest / f"rank_{r:05d}.safetensors").is_file() for r in (0, 1))
 
 
