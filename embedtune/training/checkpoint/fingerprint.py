@@ -14,7 +14,8 @@ Settings that may legitimately change on resume are left out (:data:`MAY_CHANGE_
 * where and on what it runs: ``output_dir``, ``device``, ``num_threads``, ``data.cache_dir``,
   ``distributed.backend``, ``distributed.timeout_minutes``, ``distributed.resume_on_other_world_size``
   (a changed *number of ranks* is checked separately, by the checkpointer);
-* validation cost: ``validation.every_n_steps``, ``validation.batch_size``.
+* validation cost: ``validation.every_n_steps``, ``validation.batch_size``;
+* ``pipeline.*`` (the ``embedtune finetune`` stages around training, which ``train`` ignores).
 
 Everything else (model, data settings, loss, optimizer, LR schedule shape, batch sizes, seed, precision,
 LoRA, GradCache, strategy) is compared.
@@ -47,6 +48,7 @@ MAY_CHANGE_ON_RESUME: tuple[str, ...] = (
     "distributed.resume_on_other_world_size",
     "validation.every_n_steps",
     "validation.batch_size",
+    "pipeline.",
 )
 """Dotted config keys (a trailing ``.`` means the whole block) left out of the fingerprint."""
 
