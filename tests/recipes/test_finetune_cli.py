@@ -189,7 +189,7 @@ def test_killed_run_resumes_to_the_uninterrupted_model(tmp_path: Path, during: s
         _kill_when(proc, lambda: (out / "stages" / "validate.json").is_file())
         assert not (out / "stages" / "mine.json").exists()
     else:
-        _kill_when(proc, lambda: any((out / "checkpoints").glob("step_*/trainer_state.json")))
+        _kill_when(proc, lambda: any((out / "checkpoints").glob("step_*/checkpoint.json")))
         assert not (out / "stages" / "train.json").exists()
     proc.stdout.close()
 
