@@ -102,7 +102,9 @@ def _collated_batch(b: int = 2, n: int = 3, seq: int = 5) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("gradcache", [False, True])
-def test_the_bi_encoder_loss_hands_only_group_device_tensors_to_collectives(fake_group, monkeypatch, gradcache):
+def test_the_bi_encoder_loss_hands_only_group_device_tensors_to_collectives(
+    fake_group, monkeypatch, gradcache
+):
     """The task's distributed loss (cross-rank negatives + false-negative masking), forward and backward."""
     import embedtune.training.tasks as tasks
     from embedtune.config import load_config

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -192,7 +191,7 @@ def test_recipe_is_validated(tmp_path: Path):
     from embedtune.training.config import load_train_config
 
     recipe = _rerank_recipe(tmp_path / "x.jsonl", tmp_path / "r")
-    with pytest.raises(ConfigError, match="data.n_passages"):
+    with pytest.raises(ConfigError, match=r"data\.n_passages"):
         load_train_config({**recipe, "data": {**recipe["data"], "n_passages": 1}})
     with pytest.raises(ConfigError, match="recipe"):
         load_train_config({**recipe, "recipe": "train"})
