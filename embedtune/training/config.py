@@ -336,8 +336,9 @@ class LoggingConfig:
 
     progress_bar: bool = True
     """Show a progress bar (step, loss, lr, examples/s, ETA) on stderr."""
-    tensorboard: bool = True
-    """Write TensorBoard logs to ``<output_dir>/tensorboard`` when ``tensorboard`` is installed."""
+    tensorboard: bool | None = None
+    """Write TensorBoard logs to ``<output_dir>/tensorboard``. Null (the default): when the ``tensorboard``
+    package is installed, silently otherwise; true: asked for, so a missing package is reported."""
     plot: bool = True
     """Write ``<output_dir>/loss.png`` at the end (needs matplotlib)."""
 

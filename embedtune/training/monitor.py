@@ -109,7 +109,8 @@ class TrainingMonitor:
         start_step: steps already done (when resuming); later records in ``metrics.jsonl`` are dropped,
             so the file reads as one uninterrupted run.
         progress_bar: show progress on stderr: a tqdm bar on a terminal, plain lines otherwise.
-        tensorboard: also log to TensorBoard (a warning says so when the package is missing).
+        tensorboard: also log to TensorBoard: None when the package is installed, True asked for (a
+            warning says so when the package is missing), False never.
     """
 
     def __init__(
@@ -119,7 +120,7 @@ class TrainingMonitor:
         *,
         start_step: int = 0,
         progress_bar: bool = True,
-        tensorboard: bool = True,
+        tensorboard: bool | None = None,
     ) -> None:
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -149,13 +150,14 @@ class TrainingMonitor:
                 dynamic_ncols=True,
             )
         self._tb = None
-        if tensorboard:
+        if tensorboard is not False:
             try:  # optional: torch's SummaryWriter needs the tensorboard package
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.dir / "tensorboard"))
             except ImportError:
                 self._tb = None
+            if self._tb is None and tensorboard:
                 # A line, not a Python warning: it is about the user's setting, not about our code.
                 self.message(
                     "warning: logging.tensorboard is on but TensorBoard is not installed, so nothing is "

@@ -64,6 +64,16 @@ def test_tensorboard_asked_for_but_missing_says_so(tmp_path, monkeypatch, capsys
     assert "TensorBoard is not installed" in err and "pip install tensorboard" in err
 
 
+def test_tensorboard_by_default_is_silent_when_missing(tmp_path, monkeypatch, capsys):
+    """The default (null) logs to TensorBoard only when it is installed: no notice on a clean run."""
+    from embedtune.training.config import LoggingConfig
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    m = TrainingMonitor(tmp_path, 3, progress_bar=False, tensorboard=LoggingConfig().tensorboard)
+    m.close(plot=False)
+    assert "TensorBoard" not in capsys.readouterr().err
+
+
 def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
     fake = io.StringIO()  # not a tty, like a log file
     monkeypatch.setattr(mon.sys, "stderr", fake)
