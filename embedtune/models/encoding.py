@@ -14,9 +14,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from embedtune.errors import EmbedtuneError
+from embedtune.progress import progress
 
 # Show a progress bar by default when encoding more texts than this.
 PROGRESS_THRESHOLD = 512
@@ -86,9 +86,7 @@ def encode_in_batches(
         show_progress = len(texts) > PROGRESS_THRESHOLD
     out: np.ndarray | None = None
     starts = range(0, len(texts), batch_size)
-    for start in tqdm(
-        starts, total=math.ceil(len(texts) / batch_size), disable=not show_progress, desc=desc, unit="batch"
-    ):
+    for start in progress(starts, total=math.ceil(len(texts) / batch_size), desc=desc, enabled=show_progress):
         idx = order[start : start + batch_size]
         batch_prefix = prefix if prefixes is None else [prefixes[i] for i in idx]
         emb = np.asarray(embed_batch([texts[i] for i in idx], batch_prefix), dtype=np.float32)

@@ -23,6 +23,7 @@ from typing import Any
 
 from embedtune._atomic import write_json
 from embedtune.errors import DataError
+from embedtune.progress import is_terminal
 
 __all__ = ["RESULTS_FILE", "TrainingMonitor", "read_metrics", "summarize_run"]
 
@@ -134,7 +135,7 @@ class TrainingMonitor:
         self._step_times: list[float] = []
         self._bar = None
         # Without a terminal, tqdm's carriage-return frames would fill a log file: print lines instead.
-        self._lines = bool(progress_bar) and not _is_terminal(sys.stderr)
+        self._lines = bool(progress_bar) and not is_terminal(sys.stderr)
         self._last_line_at = (-math.inf, start_step)
         if progress_bar and not self._lines:
             from tqdm.auto import tqdm
@@ -241,13 +242,6 @@ def write_json_lines(path: Path, records: list[dict[str, Any]]) -> None:
     from embedtune._atomic import write_text
 
     write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-
-
-def _is_terminal(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
 
 
 def _fmt_eta(seconds: float) -> str:

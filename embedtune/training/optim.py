@@ -22,7 +22,14 @@ from embedtune.errors import ConfigError
 # The optimizer:/lr_scheduler: blocks live with the other recipe blocks (torch-free).
 from embedtune.training.config import LRSchedulerConfig, OptimizerConfig
 
-__all__ = ["LRSchedulerConfig", "OptimizerConfig", "build_optimizer", "build_scheduler", "lr_factor"]
+__all__ = [
+    "LRSchedulerConfig",
+    "OptimizerConfig",
+    "build_optimizer",
+    "build_scheduler",
+    "lr_factor",
+    "warmup_steps",
+]
 
 
 def _param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
@@ -80,12 +87,19 @@ SCHEDULERS.register("linear")(_linear)
 SCHEDULERS.register("cosine")(_cosine)
 
 
+def warmup_steps(cfg: LRSchedulerConfig, total_steps: int) -> tuple[int, int]:
+    """``(used, asked)``: the warmup steps the schedule uses and the ones the recipe asked for.
+
+    A warmup as long as the run would never reach the peak LR, so it is cut to ``total_steps - 1``;
+    the recipe reports the cut (``used < asked``) instead of training the whole run below the peak.
+    """
+    asked = int(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio is not None else cfg.warmup_steps
+    return min(asked, max(total_steps - 1, 0)), asked
+
+
 def lr_factor(step: int, total_steps: int, cfg: LRSchedulerConfig) -> float:
     """Multiplier of the peak LR for the optimizer step ``step`` (0-based) of ``total_steps``."""
-    warmup = cfg.warmup_steps
-    if cfg.warmup_ratio is not None:
-        warmup = int(cfg.warmup_ratio * total_steps)
-    warmup = min(warmup, max(total_steps - 1, 0))
+    warmup, _ = warmup_steps(cfg, total_steps)
     if step < warmup:
         start = cfg.warmup_start_ratio
         return start + (1.0 - start) * (step + 1) / (warmup + 1)

@@ -42,7 +42,7 @@ from embedtune.training.checkpoint import Checkpointer, Fingerprint, TrainState,
 from embedtune.training.config import TrainConfig
 from embedtune.training.loss import same_document_ids
 from embedtune.training.monitor import TrainingMonitor
-from embedtune.training.optim import build_optimizer, build_scheduler
+from embedtune.training.optim import build_optimizer, build_scheduler, warmup_steps
 from embedtune.training.parallel import Parallel, local_copy
 from embedtune.training.signals import EXIT_SIGINT, EXIT_SIGTERM, StopSignals, exit_code
 from embedtune.training.tasks import Task, apply_lora, task_for
@@ -251,6 +251,13 @@ class Recipe:
         else:
             self.monitor = _SilentMonitor()
         self.stop = StopSignals(announce=self.monitor.message)
+        used, asked = warmup_steps(cfg.lr_scheduler, self.total_steps)
+        if used < asked:
+            self.monitor.message(
+                f"warning: lr_scheduler warmup is {asked} steps but the run has {self.total_steps}; "
+                f"warming up over {used} steps so the peak lr {cfg.optimizer.lr:g} is reached "
+                "(lower lr_scheduler.warmup_steps to silence this)"
+            )
         if parallel.world_size > 1 and parallel.is_main:
             print(
                 f"{parallel.describe()}: global batch {sched.global_batch_size} = {self.plan.micro_batch_size} "

@@ -210,3 +210,23 @@ def test_gradient_accumulation_equals_one_big_batch_without_in_batch_negatives(t
     finally:
         whole.cleanup()
         accum.cleanup()
+
+
+def test_warmup_longer_than_the_run_is_cut_and_said(tmp_path, capsys):
+    """A warmup past the last step would train the whole run below the peak lr: cut it and say so."""
+    from embedtune.training.optim import lr_factor
+
+    r = _recipe(tmp_path, lr_scheduler={"name": "constant", "warmup_steps": 1000})
+    try:
+        err = capsys.readouterr().err
+        assert "warmup is 1000 steps but the run has" in err and "lower lr_scheduler.warmup_steps" in err
+        # the peak is reached on the last step instead of never
+        assert lr_factor(r.total_steps - 1, r.total_steps, r.cfg.lr_scheduler) == 1.0
+    finally:
+        r.cleanup()
+
+
+def test_warmup_shorter_than_the_run_prints_nothing(tmp_path, capsys):
+    r = _recipe(tmp_path, lr_scheduler={"name": "constant", "warmup_steps": 1})
+    r.cleanup()
+    assert "warmup" not in capsys.readouterr().err
