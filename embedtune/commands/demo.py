@@ -62,6 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check(args: argparse.Namespace) -> None:
+    """The budget, the recipe (closest shipped name when misspelled) and the overrides, before torch."""
+    from embedtune.commands import _checks
+
+    if not args.budget_minutes > 0:
+        raise _checks.UsageError(f"--budget-minutes {args.budget_minutes:g}: must be > 0 (default 10)")
+    _checks.load_recipe(args.recipe, args.overrides)
+
+
 def _bundled_path(path: str) -> str:
     """Relative data paths resolve against the current folder, else against the source checkout."""
     p = Path(path)

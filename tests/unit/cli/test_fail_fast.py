@@ -65,6 +65,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "output_dir": "runs/fresh",
     }
     (d / "recipe.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    # The other tasks share the one schema, so their recipe errors are found as early.
+    (d / "rerank.yaml").write_text(json.dumps({**recipe, "recipe": "rerank", "cross_encodr": {}}))
+    (d / "distill.yaml").write_text(json.dumps({**recipe, "distill": {"weigth": 1.0}}))
     ckpt = d / "runs" / "old" / "checkpoints" / "step_4"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text("{}")
@@ -76,6 +79,12 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 CASES: list[tuple[list[str], int, str]] = [
     # train / validate: recipe names, config keys, overrides, model names, data paths, output folder
     (["train", "nope_recipe"], 2, "no such recipe file, nor a shipped recipe"),
+    (["train", "rerank.yaml"], 2, "cross_encodr"),
+    (["train", "distill.yaml"], 2, "weigth"),
+    (["validate", "distill.yaml"], 2, "weigth"),
+    (["demo", "--recipe", "minilm_dem"], 2, "did you mean 'minilm_demo'?"),
+    (["demo", "--budget-minutes", "0"], 2, "--budget-minutes 0: must be > 0"),
+    (["demo", "optimizer.lrr=1"], 2, "override 'optimizer.lrr=1' (command line)"),
     (["train", "minilm_dem"], 2, "did you mean 'minilm_demo'?"),
     (["train", "recipe.yaml", "optimizer.lrr=1"], 2, "override 'optimizer.lrr=1' (command line)"),
     (["train", "recipe.yaml", "optimizer.lrr=1"], 2, "did you mean 'lr'?"),
