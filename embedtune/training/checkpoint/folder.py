@@ -36,6 +36,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from embedtune._atomic import fsync_dir
 from embedtune.errors import EmbedtuneError
 
 __all__ = [
@@ -70,20 +71,6 @@ class CheckpointWarning(UserWarning):
 def step_name(step: int) -> str:
     """The folder name of the checkpoint of ``step`` (``step_00000040``)."""
     return f"step_{step:08d}"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (created or renamed files) durable; a no-op where that is unsupported."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def file_entry(path: Path, checksum: bool = True) -> list[int | None]:
