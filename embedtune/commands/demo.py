@@ -325,16 +325,7 @@ def _measure(cfg: Any, t_start: float) -> tuple[Measured, EvalShape]:
     m = cfg.model
     enc = AutoBiEncoder.from_pretrained(
         m.name_or_path,
-        pooling=m.pooling,
-        normalize=m.normalize,
-        query_prefix=m.query_prefix,
-        passage_prefix=m.passage_prefix,
-        pool_instruction=m.pool_instruction,
-        max_length=m.max_length,
-        padding_side=m.padding_side,
-        dtype="float32",
-        attn_implementation=m.attn_implementation,
-        bidirectional=m.bidirectional,
+        **{**m.encoder_kwargs(), "dtype": "float32"},
         device="cpu",
         verify=False,  # the training run verifies the model it loads
     )

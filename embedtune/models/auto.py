@@ -400,7 +400,7 @@ class AutoBiEncoder:
             if options[key] is None and settings is not None:
                 options[key] = getattr(settings, key)
         base = cls.from_pretrained(base_name, **options)
-        with zoo.quiet_transformers():
+        with zoo.quiet_transformers(), zoo.peft_wrapping():
             base.backbone = PeftModel.from_pretrained(base.backbone, str(folder))
         base.eval()
         if kwargs.get("device") is not None:

@@ -16,6 +16,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,6 +65,21 @@ def quiet_transformers() -> Iterator[None]:
     finally:
         hf_logging.set_verbosity(level)
         hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around PEFT's wrapping of a model (``get_peft_model``, ``PeftModel.from_pretrained``).
+
+    PEFT reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates in favour of
+    ``is_activation_checkpointing``: PEFT's own call, harmless, and nothing of ours to change — so that
+    one FutureWarning (matched by message and category) is hidden, and nothing else.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 def _build_once(name: str, builder: Callable[[Path], None]) -> Path:

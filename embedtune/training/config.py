@@ -210,6 +210,21 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
 
+    def encoder_kwargs(self) -> dict[str, Any]:
+        """The settings ``AutoBiEncoder.from_pretrained`` takes from this block (all but the model name)."""
+        return {
+            "pooling": self.pooling,
+            "normalize": self.normalize,
+            "query_prefix": self.query_prefix,
+            "passage_prefix": self.passage_prefix,
+            "pool_instruction": self.pool_instruction,
+            "max_length": self.max_length,
+            "padding_side": self.padding_side,
+            "dtype": self.dtype,
+            "attn_implementation": self.attn_implementation,
+            "bidirectional": self.bidirectional,
+        }
+
     def __post_init__(self) -> None:
         if not self.name_or_path:
             raise ConfigError("name_or_path: required — a model folder, hub name or short name (e.g. minilm)")

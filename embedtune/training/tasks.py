@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -146,6 +145,8 @@ def apply_lora(backbone: nn.Module, cfg: Any) -> nn.Module:
     """
     from peft import LoraConfig, get_peft_model
 
+    from embedtune.models.zoo import peft_wrapping
+
     lora = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -154,12 +155,7 @@ def apply_lora(backbone: nn.Module, cfg: Any) -> nn.Module:
         bias="none",
     )
     try:
-        with warnings.catch_warnings():
-            # PEFT reads `model.is_gradient_checkpointing`, which transformers 5 deprecates in favour of
-            # `is_activation_checkpointing`: PEFT's own call, harmless, and nothing of ours to change.
-            warnings.filterwarnings(
-                "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
-            )
+        with peft_wrapping():
             return get_peft_model(backbone, lora)
     except ValueError as exc:
         names = sorted(
@@ -196,20 +192,7 @@ class BiEncoderTask:
         from embedtune.models import AutoBiEncoder
 
         m = self.cfg.model
-        enc = AutoBiEncoder.from_pretrained(
-            m.name_or_path,
-            pooling=m.pooling,
-            normalize=m.normalize,
-            query_prefix=m.query_prefix,
-            passage_prefix=m.passage_prefix,
-            pool_instruction=m.pool_instruction,
-            max_length=m.max_length,
-            padding_side=m.padding_side,
-            dtype=m.dtype,
-            attn_implementation=m.attn_implementation,
-            bidirectional=m.bidirectional,
-            device=parallel.device,
-        )
+        enc = AutoBiEncoder.from_pretrained(m.name_or_path, **m.encoder_kwargs(), device=parallel.device)
         if self.cfg.peft is not None:
             enc.backbone = apply_lora(enc.backbone, self.cfg.peft)
         if m.gradient_checkpointing:
