@@ -1,6 +1,6 @@
-"""A clean ``embedtune train`` (short recipe), ``eval`` and ``export`` print no library warnings.
+"""A clean ``embedtune train`` (short recipe), ``eval``, ``export`` and ``demo`` print no library warnings.
 
-The three commands run in a fresh interpreter with every Python warning turned on (``always``) and a
+The four commands run in a fresh interpreter with every Python warning turned on (``always``) and a
 handler on the ``transformers``/``torch``/``peft`` loggers, so a warning that this process already
 showed once, or that pytest's filters would hide, still counts. Any warning that is not on
 ``ALLOWED`` below fails the test with where it came from.
@@ -68,6 +68,10 @@ for argv in (
     ["train", "recipe.yaml"],
     ["eval", "--model", "run/model", "--data", "pairs.jsonl", "--no-cache"],
     ["export", "onnx", "--model", "run/model", "--output", "onnx", "--no-eval"],
+    # `make demo`'s command on a tiny model: measuring, planning, before/after evaluation, LoRA merge.
+    ["demo", "model.name_or_path=tiny-llama", "output_dir=demo", "step_scheduler.max_steps=2",
+     "step_scheduler.global_batch_size=4", "data.p_max_len=32", "validation.max_queries=6",
+     "validation.max_corpus=30", "num_threads=1"],
 ):
     current[0] = argv[0]
     codes[argv[0]] = main(argv)
@@ -75,8 +79,8 @@ print("@@" + json.dumps({"codes": codes, "warnings": seen}))
 """
 
 
-@pytest.mark.slow  # ~60 s: three commands on a tiny model in a fresh interpreter
-def test_train_eval_export_print_no_library_warnings(tmp_path: Path) -> None:
+@pytest.mark.slow  # ~90 s: four commands on a tiny model in a fresh interpreter
+def test_train_eval_export_demo_print_no_library_warnings(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": ""}
     out = subprocess.run(
@@ -85,7 +89,7 @@ def test_train_eval_export_print_no_library_warnings(tmp_path: Path) -> None:
     lines = [line for line in out.stdout.splitlines() if line.startswith("@@")]
     assert lines, out.stderr[-3000:]
     result = json.loads(lines[-1][2:])
-    assert result["codes"] == {"train": 0, "eval": 0, "export": 0}, out.stderr[-3000:]
+    assert result["codes"] == {"train": 0, "eval": 0, "export": 0, "demo": 0}, out.stderr[-3000:]
     unexpected = [
         w
         for w in result["warnings"]
