@@ -162,6 +162,9 @@ def run_phase(name: str, train: Path, docs: Path, cache: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from _machine import header  # every table says which machine (CPU model, AMX / avx512_bf16) it came from
+
+    print(header(measure=False)[1], flush=True)
     parser = argparse.ArgumentParser(description="Time and memory of loading a large corpus-ID data set.")
     parser.add_argument("--size", type=int, default=1_000_000, help="documents (queries = size / 10)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files (prints where)")

@@ -158,6 +158,9 @@ def run_config(world: int, opts: dict[str, Any], timeout: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from _machine import header  # every table says which machine (CPU model, AMX / avx512_bf16) it came from
+
+    print(header(measure=False)[1], flush=True)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny-llama", help="model name or folder (default: tiny-llama)")
     ap.add_argument("--ranks", default="1,2", help="comma-separated process counts on CPU (default 1,2)")

@@ -132,6 +132,9 @@ def child(variant: str, folder: Path, num_neg: int, start: int, end: int, margin
 
 
 def main() -> int:
+    from _machine import header  # every table says which machine (CPU model, AMX / avx512_bf16) it came from
+
+    print(header(measure=False)[1], flush=True)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--docs", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=1000)

@@ -77,6 +77,9 @@ def measure(
 
 
 def main() -> None:
+    from _machine import header  # every table says which machine (CPU model, AMX / avx512_bf16) it came from
+
+    print(header(measure=False)[1], flush=True)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

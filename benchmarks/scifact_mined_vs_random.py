@@ -128,6 +128,9 @@ def finetune(
 
 
 def main() -> int:
+    from _machine import header  # every table says which machine (CPU model, AMX / avx512_bf16) it came from
+
+    print(header(measure=False)[1], flush=True)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="../shared/data/scifact")
     ap.add_argument("--model", default="minilm", help="bi-encoder to fine-tune (and to mine with)")

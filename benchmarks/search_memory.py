@@ -66,6 +66,9 @@ def child(variant: str, docs: int, queries: int, dim: int, k: int, seed: int, de
 
 
 def main() -> int:
+    from _machine import header  # every table says which machine (CPU model, AMX / avx512_bf16) it came from
+
+    print(header(measure=False)[1], flush=True)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=200_000)
     parser.add_argument("--queries", type=int, default=2_000)
