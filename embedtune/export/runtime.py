@@ -21,6 +21,7 @@ from embedtune.errors import EmbedtuneError, ModelLoadError
 from embedtune.export.errors import require_onnx
 from embedtune.models.encoding import encode_in_batches
 from embedtune.models.settings import SETTINGS_FILE, EncoderSettings
+from embedtune.models.tokenization import ensure_pad_token
 
 ONNX_FILE = "model.onnx"
 BACKENDS = ("torch", "onnx")
@@ -59,8 +60,7 @@ class OnnxBiEncoder:
                 f"{path or 'the ONNX model'}: inputs {sorted(self.input_names)} lack {sorted(missing)} — "
                 "not an embedtune export; export it with `embedtune export onnx`"
             )
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        ensure_pad_token(tokenizer, str(path))
         tokenizer.padding_side = settings.padding_side
         self._fingerprint: str | None = None
 

@@ -35,6 +35,7 @@ from embedtune.models.llama import LlamaBidirectionalConfig, LlamaBidirectionalM
 from embedtune.models.ministral3 import Ministral3BidirectionalConfig, Ministral3BidirectionalModel
 from embedtune.models.pooling import FROM_SENTENCE_TRANSFORMERS, canonical_pooling
 from embedtune.models.settings import SETTINGS_FILE, EncoderSettings
+from embedtune.models.tokenization import ensure_pad_token
 
 if TYPE_CHECKING:
     from embedtune.export.runtime import OnnxBiEncoder
@@ -269,13 +270,7 @@ class AutoBiEncoder:
 
         if converted and verify:
             verify_bidirectional(backbone)
-        if tokenizer.pad_token is None:
-            fallback = tokenizer.eos_token or tokenizer.unk_token
-            if fallback is None:
-                raise ModelLoadError(
-                    f"{name}: the tokenizer has no pad, eos or unk token — set tokenizer.pad_token"
-                )
-            tokenizer.pad_token = fallback
+        ensure_pad_token(tokenizer, name)
         if hasattr(backbone.config, "use_cache"):
             backbone.config.use_cache = False  # an encoder never decodes: building a KV cache is waste
 

@@ -45,6 +45,25 @@ def _shared_prefix_length(row: list[int], prefix_ids: list[int]) -> int:
     return n
 
 
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, name: str = "the model") -> None:
+    """Give a tokenizer without a pad token its eos (or unk) token as pad, as decoders need for batching.
+
+    Some tokenizers (GGUF conversions at older transformers, many decoder checkpoints) ship none; padding
+    is then impossible. Pooling masks padding out, so which token pads does not change an embedding.
+
+    Raises:
+        ModelLoadError: the tokenizer has no pad, eos or unk token to pad with.
+    """
+    if tokenizer.pad_token is not None:
+        return
+    fallback = tokenizer.eos_token or tokenizer.unk_token
+    if fallback is None:
+        from embedtune.errors import ModelLoadError
+
+        raise ModelLoadError(f"{name}: the tokenizer has no pad, eos or unk token — set tokenizer.pad_token")
+    tokenizer.pad_token = fallback
+
+
 def tokenize_texts(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],

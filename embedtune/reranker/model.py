@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from embedtune.errors import ConfigError, EmbedtuneError, ModelLoadError
+from embedtune.models.tokenization import ensure_pad_token
 
 SETTINGS_FILE = "embedtune_reranker.json"
 #: NeMo AutoModel's reranker prompt, for decoders.
@@ -175,8 +176,7 @@ class CrossEncoderReranker(nn.Module):
                 config.temperature = 1.0
             config.num_labels = 1
             tokenizer = AutoTokenizer.from_pretrained(path)
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+            ensure_pad_token(tokenizer, str(path))
             if getattr(config, "pad_token_id", None) is None:
                 # Decoder heads find the last real token through pad_token_id.
                 config.pad_token_id = tokenizer.pad_token_id

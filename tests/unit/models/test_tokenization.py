@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from embedtune.models import zoo
-from embedtune.models.tokenization import prefix_token_count, tokenize_texts
+from embedtune.models.tokenization import ensure_pad_token, prefix_token_count, tokenize_texts
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,10 @@ def bert_tok():
 
 @pytest.fixture(scope="module")
 def bpe_tok():
-    return AutoTokenizer.from_pretrained(zoo.resolve("tiny-llama"))
+    # As every loader does: SmolLM2's GGUF tokenizer has no pad token at some transformers versions (5.4).
+    tok = AutoTokenizer.from_pretrained(zoo.resolve("tiny-llama"))
+    ensure_pad_token(tok)
+    return tok
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -73,3 +76,13 @@ def test_prefix_count_matches_sentence_transformers(bert_tok) -> None:
         pytest.skip("sentence-transformers < 6 has no Transformer._get_prompt_length to compare with")
     for prefix in ["query: ", "Instruct: retrieve\nQuery: ", "passage: "]:
         assert prefix_token_count(bert_tok, prefix) == st[0]._get_prompt_length(prefix)
+
+
+def test_ensure_pad_token_falls_back_to_eos_and_keeps_a_real_pad(bert_tok) -> None:
+    tok = AutoTokenizer.from_pretrained(zoo.resolve("tiny-llama"))
+    tok.pad_token = None
+    ensure_pad_token(tok)
+    assert tok.pad_token == tok.eos_token is not None
+    before = bert_tok.pad_token
+    ensure_pad_token(bert_tok)
+    assert bert_tok.pad_token == before == "[PAD]"
