@@ -62,9 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check(args: argparse.Namespace) -> None:
     """The onnx extra, model, output folder and evaluation data, before anything heavy is imported."""
     from embedtune.commands import _checks
-    from embedtune.export.errors import require_onnx
+    from embedtune.export.errors import require_int8, require_onnx
 
     require_onnx()  # before loading a model: the missing extra is the first thing to fix
+    if args.quantize == "int8":
+        require_int8()
     _checks.check_positive(args.max_length, "--max-length")
     _checks.check_positive(args.eval_queries, "--eval-queries")
     _checks.check_positive(args.eval_docs, "--eval-docs")

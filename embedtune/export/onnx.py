@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from embedtune._atomic import install_folder
-from embedtune.export.errors import OnnxExportError, VerificationError, require_onnx
+from embedtune.export.errors import OnnxExportError, VerificationError, require_int8, require_onnx
 from embedtune.export.runtime import ONNX_FILE, OnnxBiEncoder, is_onnx_export
 from embedtune.export.verify import (
     MIN_COSINE,
@@ -292,6 +292,8 @@ def _quantize_int8(src: Path, dst: Path, external: bool) -> None:
     quantised).
     """
     import onnx
+
+    require_int8()
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
     # The quantizer logs every skipped node at INFO level on its own logger, and tips on the root one.
@@ -319,7 +321,7 @@ def _quantize_int8(src: Path, dst: Path, external: bool) -> None:
 
         raise OnnxExportError(
             f"--quantize int8: onnxruntime {onnxruntime.__version__} cannot write 8-bit MatMulNBits ({exc}) — "
-            "upgrade it (pip install -U onnxruntime; tested with 1.32)"
+            "upgrade it (pip install -U onnxruntime; tested with 1.24 and 1.32)"
         ) from exc
     finally:
         for lg, level in zip(quiet, levels):
@@ -372,12 +374,15 @@ def export_onnx(
         ModelLoadError: ``model`` is not a model.
         OnnxExportError: bad options, an opset too old for an operator, an unusable output folder.
         VerificationError: the export does not reproduce the PyTorch embeddings.
-        MissingExtraError: ``onnx``/``onnxruntime`` are not installed.
+        MissingExtraError: ``onnx``/``onnxruntime`` are not installed, or onnxruntime is older than
+            1.24 for ``quantize="int8"``.
     """
     require_onnx()
     say = log or logger.info
     started = time.perf_counter()
     _check_options(dtype, quantize, opset)
+    if quantize == "int8":
+        require_int8()  # before the fp32 export, not after it
     output = Path(output).expanduser()
     _prepare_output(output)
 

@@ -12,6 +12,9 @@ pytest.importorskip("onnxruntime")
 
 from embedtune import AutoBiEncoder
 from embedtune.cli import main
+from embedtune.export.errors import int8_unsupported_reason
+
+needs_int8 = pytest.mark.skipif(int8_unsupported_reason() is not None, reason=str(int8_unsupported_reason()))
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +222,7 @@ def test_eval_and_search_run_an_onnx_export_like_the_torch_model(
     assert hits["onnx"] == hits["torch"] and len(hits["torch"]) == 3
 
 
+@needs_int8
 def test_int8_export_reports_ndcg_on_the_bundled_data(tmp_path, capsys):
     from embedtune.export.verify import bundled_eval_data
 

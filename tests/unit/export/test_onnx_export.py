@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from _export_helpers import TEXTS
+from _export_helpers import TEXTS, needs_int8
 
 from embedtune import AutoBiEncoder
 from embedtune.errors import ModelLoadError
@@ -163,6 +163,7 @@ def test_fp16_export_is_half_precision_inside_and_close_to_pytorch(exports):
     assert cosines(torch_embed(model, feats), got).min() >= 0.999
 
 
+@needs_int8
 def test_int8_export_is_quantised_smaller_verified_and_reports_ndcg_change(exports, tmp_path):
     from embedtune.export.verify import SmallEvalSet, retrieval_ndcg
 
@@ -210,6 +211,7 @@ def test_int8_export_is_quantised_smaller_verified_and_reports_ndcg_change(expor
     assert info["min_cosine_gate"] == 0.95 and result.parity.min_cosine >= 0.95
 
 
+@needs_int8
 def test_int8_below_the_gate_fails_writes_nothing_and_keeps_an_earlier_export(tmp_path):
     model = AutoBiEncoder.from_pretrained("tiny-bert", query_prefix="query: ")
     out = tmp_path / "int8"
@@ -413,3 +415,19 @@ def test_models_over_the_size_limit_get_external_data_automatically(tmp_path, mo
     assert result.parity is not None and result.parity.min_cosine >= 0.9999
     monkeypatch.setattr(export_module, "EXTERNAL_DATA_THRESHOLD", 1 << 40)
     assert not export_onnx(model, tmp_path / "small", verify=False).external_data
+
+
+def test_int8_with_an_onnxruntime_too_old_for_it_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    from importlib import metadata
+
+    from embedtune.cli import main
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda p: "1.23.0" if p == "onnxruntime" else real(p))
+    with pytest.raises(MissingExtraError, match=r"onnxruntime >= 1\.24 .*1\.23\.0 .*pip install -U"):
+        export_onnx("tiny-bert", tmp_path / "a", quantize="int8")
+    assert not (tmp_path / "a").exists()
+    out = tmp_path / "b"
+    assert main(["export", "onnx", "--model", "tiny-bert", "--output", str(out), "--quantize", "int8"]) != 0
+    err = capsys.readouterr().err
+    assert "onnxruntime >= 1.24" in err and "Traceback" not in err and not out.exists()

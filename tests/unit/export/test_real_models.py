@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _export_helpers import TEXTS
+from _export_helpers import TEXTS, needs_int8
 
 from embedtune import AutoBiEncoder
 from embedtune.export.onnx import export_onnx
@@ -58,6 +58,7 @@ def test_smollm2_export_is_exact_bidirectional_and_ignores_padding(tmp_path):
         np.testing.assert_allclose(onnx_model(**changed), onnx_model(**batch), atol=1e-5)
 
 
+@needs_int8
 def test_int8_ndcg_on_a_scifact_slice_is_within_001_of_fp32(tmp_path, shared_scifact):
     eval_set = small_beir_slice(shared_scifact, max_queries=50, max_docs=500)
     result = export_onnx(
@@ -72,6 +73,7 @@ def test_int8_ndcg_on_a_scifact_slice_is_within_001_of_fp32(tmp_path, shared_sci
     )
 
 
+@needs_int8
 def test_smollm2_int8_passes_the_default_gate_and_its_ndcg_check_ends_within_the_budget(tmp_path):
     import time
 
