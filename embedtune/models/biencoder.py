@@ -25,6 +25,25 @@ from embedtune.models.settings import EncoderSettings
 from embedtune.models.tokenization import tokenize_texts
 
 
+def freeze_unused_pooler(backbone: nn.Module) -> list[str]:
+    """Stop training the backbone's own pooler head (BERT-family ``pooler``: dense + tanh on [CLS]).
+
+    A bi-encoder pools ``last_hidden_state`` itself, so these weights never get a gradient; left
+    trainable, DistributedDataParallel fails at its second step ("Expected to have finished reduction
+    in the prior iteration") because it waits for their gradients. Their values are kept and saved
+    unchanged (as single-process training leaves them). Call again after adding LoRA adapters.
+
+    Returns:
+        The names of the parameters frozen now.
+    """
+    frozen = []
+    for name, param in backbone.named_parameters():
+        if "pooler" in name.split(".") and param.requires_grad:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 class BiEncoder(nn.Module):
     """An embedding model: ``backbone`` → pooling → optional L2 normalisation.
 
@@ -44,6 +63,7 @@ class BiEncoder(nn.Module):
                 "the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)"
             )
         tokenizer.padding_side = settings.padding_side
+        freeze_unused_pooler(backbone)
 
     # ----------------------------------------------------------------------------------------- basics
     @property

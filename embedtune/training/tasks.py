@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from embedtune.errors import ConfigError, EmbedtuneError
+from embedtune.models.biencoder import freeze_unused_pooler
 from embedtune.training.config import TrainConfig
 from embedtune.training.gradcache import GradCache
 from embedtune.training.loss import build_loss, sequence_fingerprints
@@ -195,6 +196,7 @@ class BiEncoderTask:
         enc = AutoBiEncoder.from_pretrained(m.name_or_path, **m.encoder_kwargs(), device=parallel.device)
         if self.cfg.peft is not None:
             enc.backbone = apply_lora(enc.backbone, self.cfg.peft)
+            freeze_unused_pooler(enc.backbone)  # "all-linear" puts adapters on BERT's unused pooler too
         if m.gradient_checkpointing:
             enc.gradient_checkpointing_enable()
         dims = self.cfg.loss.matryoshka_dims or []

@@ -98,3 +98,26 @@ def test_nemos_weighted_avg_is_mean_after_normalisation() -> None:
     # ...and not the position-weighted mean, which points elsewhere.
     weighted = torch.nn.functional.normalize(pool(h, mask, "weighted_mean"), dim=-1)
     assert not torch.allclose(weighted, torch.nn.functional.normalize(nemo_sum, dim=-1), atol=1e-3)
+
+
+def test_bert_pooler_head_is_frozen_with_and_without_lora_and_gets_no_gradient():
+    """A bi-encoder never uses BERT's own pooler: left trainable, DDP fails at its second step."""
+    from embedtune.models import AutoBiEncoder
+    from embedtune.models.biencoder import freeze_unused_pooler
+    from embedtune.training.config import PeftConfig
+    from embedtune.training.tasks import apply_lora
+
+    enc = AutoBiEncoder.from_pretrained("tiny-bert")
+    names = [n for n, _ in enc.named_parameters() if "pooler" in n.split(".")]
+    assert names, "tiny-bert has a pooler: the test needs one"
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert not trainable & set(names) and len(trainable) == len(list(enc.parameters())) - len(names)
+    batch = enc.tokenizer(["a text", "another text here"], return_tensors="pt", padding=True)
+    enc(batch["input_ids"], batch["attention_mask"]).sum().backward()
+    grads = {n for n, p in enc.named_parameters() if p.grad is not None}
+    assert grads == trainable  # every trainable parameter is used; the frozen ones would not be
+    lora = apply_lora(enc.backbone, PeftConfig(match_all_linear=True))
+    adapters = [n for n, p in lora.named_parameters() if "pooler" in n.split(".") and p.requires_grad]
+    assert adapters, "PEFT all-linear adapts the pooler's dense layer"
+    assert freeze_unused_pooler(lora) == adapters
+    assert not any(p.requires_grad for n, p in lora.named_parameters() if "pooler" in n.split("."))
