@@ -795,6 +795,61 @@ def merge_negatives(
     return out
 
 
+class ShardedEncoder:
+    """An encoder whose ``encode_documents`` / ``encode_queries`` split the work over the ranks of a job.
+
+    Each rank embeds an equal, contiguous share of the texts (the last share padded with repeats of the
+    first text, so that every rank runs the same number of forward passes: FSDP2 gathers parameters in
+    every forward, and a rank with fewer batches would leave the others waiting), then the shares are
+    gathered in rank order and every rank returns the embeddings of all texts. Every other attribute
+    (``settings``, ``tokenizer``, ``backbone``, ...) is the wrapped encoder's, and :meth:`fingerprint` is
+    its fingerprint, so caches and mined-file provenance do not depend on the number of ranks.
+
+    Args:
+        encoder: the model being trained, unwrapped (a ``BiEncoder``).
+        rank: this process's rank.
+        world_size: number of ranks (every rank must call the same methods with the same texts).
+        group: the process group (None: the default one).
+    """
+
+    def __init__(self, encoder: Any, rank: int, world_size: int, group: Any = None) -> None:
+        self._encoder = encoder
+        self._rank = int(rank)
+        self._world = int(world_size)
+        self._group = group
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._encoder, name)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The wrapped encoder's fingerprint (see ``embedtune.eval.cache.encoder_fingerprint``)."""
+        from embedtune.eval.cache import encoder_fingerprint
+
+        return encoder_fingerprint(self._encoder)
+
+    def _sharded(self, encode: Callable[..., Any], texts: Sequence[str], **kwargs: Any) -> np.ndarray:
+        from embedtune.training.collectives import gather_tensor
+
+        texts = list(texts)
+        n = len(texts)
+        if n == 0:
+            return np.asarray(encode(texts, **kwargs), dtype=np.float32)
+        per = -(-n // self._world)
+        share = texts[self._rank * per : (self._rank + 1) * per]
+        share += [texts[0]] * (per - len(share))
+        local = torch.from_numpy(np.ascontiguousarray(np.asarray(encode(share, **kwargs), dtype=np.float32)))
+        gathered = gather_tensor(local, sizes=[per] * self._world, group=self._group)
+        return gathered.cpu().numpy()[:n]
+
+    def encode_documents(self, texts: Sequence[str], **kwargs: Any) -> np.ndarray:
+        """Embed documents, each rank a share; every rank gets all rows (float32, in input order)."""
+        return self._sharded(self._encoder.encode_documents, texts, **kwargs)
+
+    def encode_queries(self, texts: Sequence[str], **kwargs: Any) -> np.ndarray:
+        """Embed queries, each rank a share; every rank gets all rows (float32, in input order)."""
+        return self._sharded(self._encoder.encode_queries, texts, **kwargs)
+
+
 class NegativeRefresher:
     """Re-mines the hard negatives of the training data with the model being trained (ANCE-style).
 

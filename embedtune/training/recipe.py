@@ -288,11 +288,17 @@ class Recipe:
     def _refresh_negatives(self) -> None:
         """Re-mine every training set's negatives with the current weights (between two steps).
 
-        Every rank mines the whole corpus (the same weights give the same negatives on each).
+        Under torchrun the encoding is sharded: each rank embeds an equal share of the corpus and the
+        queries, the shares are gathered, and every rank searches the whole corpus (the same embeddings
+        give the same negatives on each).
         """
         st = self.state
         self.monitor.message(f"step {st.step}: re-mining hard negatives with the current model ...")
         model = Parallel.unwrap(self.model)
+        if self.parallel.grouped and self.parallel.world_size > 1:
+            from embedtune.mining import ShardedEncoder
+
+            model = ShardedEncoder(model, self.parallel.rank, self.parallel.world_size)
         self.data.dataset.datasets = self.refresher.refresh(model, self.data.dataset.datasets, st.step)
         self.model.train()
         st.extra["mining"] = self.refresher.state_dict()
@@ -359,7 +365,11 @@ class Recipe:
                     self.task.diagnostics = DiagnosticsAccumulator() if st.step == 0 or logged else None
                 loss, grad_norm = self.train_step(self.local_batches(st.epoch, st.step_in_epoch))
                 acc = getattr(self.task, "diagnostics", None)
-                diag = acc.means() if acc else {}  # this rank's queries
+                if acc is not None and self.parallel.grouped:  # every rank's queries, not rank 0's only
+                    from embedtune.audit.diagnostics import SUM_KEYS
+
+                    acc.sums = self.parallel.sum_over_ranks(acc.sums, SUM_KEYS)
+                diag = acc.means() if acc else {}
                 if st.step == 0 and diag:  # the initial weights' numbers (step 1's loss is theirs too)
                     self.monitor.log({"step": 0, **diag})
                     self._warn_diagnostics(diag, 0)

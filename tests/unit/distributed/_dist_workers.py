@@ -159,3 +159,35 @@ def equivalence_worker(rank: int, world: int, out: str, cases: list[dict[str, An
         dist.barrier()
     if rank == 0:
         torch.save(results, Path(out) / "equivalence.pt")
+
+
+def sharded_encoding_worker(rank: int, world: int, out: str, texts: list[list[str]]) -> None:
+    """Embed each text list through ``ShardedEncoder``; save the gathered arrays and this rank's work."""
+    import numpy as np
+
+    from embedtune.mining import ShardedEncoder
+
+    enc = tiny_encoder()
+    enc.eval()
+    seen: list[int] = []
+    forwards = [0]
+    enc.backbone.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    real = enc.encode_documents
+
+    def counting(batch: list[str], **kw: Any) -> Any:
+        seen.append(len(batch))
+        return real(batch, **kw)
+
+    enc.encode_documents = counting  # type: ignore[method-assign]
+    sharded = ShardedEncoder(enc, rank, world)
+    arrays = {}
+    for i, group in enumerate(texts):
+        arrays[f"docs_{i}"] = sharded.encode_documents(group, batch_size=2)
+        arrays[f"queries_{i}"] = sharded.encode_queries(group, batch_size=2)
+    np.savez(
+        Path(out) / f"rank{rank}.npz",
+        seen=np.asarray(seen),
+        forwards=np.asarray(forwards),
+        fingerprint=np.asarray(str(sharded.fingerprint())),
+        **arrays,
+    )
