@@ -140,6 +140,19 @@ def contrastive_diagnostics(
     }
 
 
+#: The sums :func:`contrastive_diagnostics` returns, in a fixed order (added over ranks as one vector).
+SUM_KEYS = (
+    "queries",
+    "positive_score",
+    "hardest_negative_score",
+    "with_negative",
+    "zero_loss",
+    "positive_not_first",
+    "loss",
+    "spread",
+)
+
+
 class DiagnosticsAccumulator:
     """Adds the sums of several micro-batches (and ranks) and turns them into the logged means."""
 

@@ -21,7 +21,7 @@ collective becomes the identity, so single-process tests run the code path that 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -210,6 +210,17 @@ class Parallel:
         t = torch.tensor([int(flag)], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def sum_over_ranks(self, values: Mapping[str, float], keys: Sequence[str]) -> dict[str, float]:
+        """``values[k]`` summed over every rank for each of ``keys`` (a missing key counts 0).
+
+        Every rank must call it with the same ``keys`` on the same steps; one all-reduce in float64.
+        """
+        if not self.grouped:
+            return {k: float(values.get(k, 0.0)) for k in keys}
+        t = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return dict(zip(keys, t.tolist()))
 
     def agree_signal(self, received: int | None) -> int | None:
         """The stop signal any rank received (the highest number), or None; call once per step."""

@@ -76,6 +76,13 @@ def test_two_ranks_train_like_one_process(tmp_path, single, dist):
     a, b = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
     assert list(a) == list(b) == [1, 2, 3, 4]
     assert abs(a[1] - b[1]) <= 1e-5  # the first step: same weights, same batch, same loss
+    # Training diagnostics are over every rank's queries (summed across ranks), as one process has them.
+    da, db = _diagnostics(tmp_path / "one" / "run"), _diagnostics(tmp_path / "two" / "run")
+    assert da.keys() == db.keys() and 0 in da and 4 in da
+    for step in da:
+        assert da[step].keys() == db[step].keys() and "diag/positive_score" in da[step]
+        for k, v in da[step].items():
+            assert abs(v - db[step][k]) <= 1e-4, (step, k, v, db[step][k])
     assert all(abs(a[s] - b[s]) <= 1e-4 for s in a), (a, b)  # later steps: float32 order only
     wa, wb = (
         final_weights(tmp_path / "one" / "run" / "model"),
@@ -83,6 +90,19 @@ def test_two_ranks_train_like_one_process(tmp_path, single, dist):
     )
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+def _diagnostics(run_dir: Path) -> dict[int, dict[str, float]]:
+    """``diag/*`` values per logged step of a run's metrics.jsonl."""
+    import json
+
+    out: dict[int, dict[str, float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        d = {k: v for k, v in r.items() if k.startswith("diag/")}
+        if d:
+            out.setdefault(r["step"], {}).update(d)
+    return out
 
 
 def _rank_env_run(recipe: Path, out: Path, *extra: str) -> list:
@@ -197,3 +217,44 @@ def test_time_budget_stops_every_rank_at_the_same_step(tmp_path):
     steps = list(losses(tmp_path / "run" / "run"))
     assert 1 <= steps[-1] < 500
     assert (tmp_path / "run" / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_two_ranks_remine_with_sharded_encoding_like_one_process(tmp_path):
+    """Re-mining under torchrun: each rank encodes half the corpus, both mine what one process mines."""
+    import numpy as np
+
+    mining = {"refresh_every_steps": 3, "num_negatives": 3, "range_start": 0, "range_end": 20, "margin": 0.95}
+    steps = {"max_steps": 4, "ckpt_every_steps": None}
+    common = {"mining": mining}  # tiny-llama: no dropout, so one process and two ranks can agree
+    one = _recipe(tmp_path, "one", **common, step_scheduler={**steps, "local_batch_size": 4})
+    two = _recipe(tmp_path, "two", **common, step_scheduler={**steps, "local_batch_size": 2})
+    r1 = _train(one)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = _train(two, "--nproc-per-node", "2")
+    assert r2.returncode == 0, (r2.stdout + r2.stderr)[-3000:]
+    printed = r2.stdout + r2.stderr
+    assert "2 ranks (gloo, ddp)" in printed and "step 3: re-mined" in printed
+    a, b = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
+    assert list(a) == list(b) == [1, 2, 3, 4] and all(abs(a[s] - b[s]) <= 1e-4 for s in a), (a, b)
+    with (
+        np.load(tmp_path / "one" / "run" / "mined" / "step_00000003.npz") as x,
+        np.load(tmp_path / "two" / "run" / "mined" / "step_00000003.npz") as y,
+    ):
+        ox, rx, oy, ry = x["offsets_0"], x["rows_0"], y["offsets_0"], y["rows_0"]
+    assert len(ox) == len(oy) > 1
+    same = sum(
+        set(rx[ox[i] : ox[i + 1]].tolist()) == set(ry[oy[i] : oy[i + 1]].tolist()) for i in range(len(ox) - 1)
+    )
+    # The weights after 3 steps agree to float32 order (1e-4): only a near-tie may flip a negative.
+    assert same >= 0.9 * (len(ox) - 1), f"{same} of {len(ox) - 1} examples got the same negatives"
+    # BERT under DDP: its unused pooler head must not stall DDP's reducer (it did at step 2).
+    bert = _recipe(
+        tmp_path,
+        "bert",
+        model={"name_or_path": "tiny-bert"},
+        **common,
+        step_scheduler={**steps, "local_batch_size": 2},
+    )
+    r3 = _train(bert, "--nproc-per-node", "2")
+    assert r3.returncode == 0, (r3.stdout + r3.stderr)[-3000:]
+    assert list(losses(tmp_path / "bert" / "run")) == [1, 2, 3, 4]
