@@ -160,6 +160,7 @@ def audit_training_data(
     *,
     settings: AuditSettings | None = None,
     score: Callable[[list[str], list[str]], tuple[np.ndarray, np.ndarray]] | None = None,
+    pair_score: Callable[[list[str], list[str]], np.ndarray] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> AuditReport:
     """Audit a training set (and optionally its overlap with an evaluation set).
@@ -171,6 +172,9 @@ def audit_training_data(
         score: optional ``f(queries, documents) -> (query_emb, doc_emb)`` embedding the training queries
             and the referenced documents (a model's ``encode_queries``/``encode_documents``); enables
             the score-based rule and the gap distribution.
+        pair_score: optional ``f(queries, documents) -> scores``, one score per (query, document) pair
+            (a cross-encoder's ``predict``: raw logits, as mining's ``--reranker`` uses them); replaces
+            ``score`` for the score-based rule and the gap. Give one of the two.
         progress: called with a short line before each phase.
 
     Returns:
@@ -271,22 +275,48 @@ def audit_training_data(
     gaps: list[float] = []
     too_easy = 0
     scored = 0
+    if score is not None and pair_score is not None:
+        raise ValueError("give score (a bi-encoder) or pair_score (a cross-encoder), not both")
+    scores_of = None  # example index -> (positive scores, negative scores)
     if score is not None:
-        from embedtune.mining import margin_threshold
-
         say(f"scoring {n} queries and {len(rows)} documents with the model")
         q_emb, d_emb = score(list(data.queries), texts)
         q_emb = np.asarray(q_emb, dtype=np.float32)
         d_emb = np.asarray(d_emb, dtype=np.float32)
+
+        def scores_of(i: int) -> tuple[np.ndarray, np.ndarray]:
+            p_idx = [pos_of[int(r)] for r in data.positives(i)]
+            n_idx = [pos_of[int(r)] for r in data.negatives(i)]
+            return d_emb[p_idx] @ q_emb[i], d_emb[n_idx] @ q_emb[i]
+
+    elif pair_score is not None:
+        pairs_q: list[str] = []
+        pairs_d: list[str] = []
+        spans = []
+        for i in range(n):
+            rows_i = [*data.positives(i).tolist(), *data.negatives(i).tolist()]
+            spans.append((len(pairs_q), len(data.positives(i)), len(rows_i)))
+            pairs_q += [data.queries[i]] * len(rows_i)
+            pairs_d += [texts[pos_of[int(r)]] for r in rows_i]
+        say(f"scoring {len(pairs_q)} (query, document) pairs of {n} queries with the cross-encoder")
+        flat = np.asarray(pair_score(pairs_q, pairs_d), dtype=np.float32).reshape(-1)
+        if len(flat) != len(pairs_q):
+            raise ValueError(f"pair_score returned {len(flat)} scores for {len(pairs_q)} pairs")
+
+        def scores_of(i: int) -> tuple[np.ndarray, np.ndarray]:
+            start, n_pos, count = spans[i]
+            return flat[start : start + n_pos], flat[start + n_pos : start + count]
+
+    if scores_of is not None:
+        from embedtune.mining import margin_threshold
+
         easy_gap = st.temperature * math.log(100.0)
         for i in range(n):
-            p_idx = [pos_of[int(r)] for r in data.positives(i)]
             negs = data.negatives(i).tolist()
-            p_scores = d_emb[p_idx] @ q_emb[i]
+            p_scores, n_scores = scores_of(i)
             audits[i].positive_score = float(p_scores.min())
             if not negs:
                 continue
-            n_scores = d_emb[[pos_of[int(r)] for r in negs]] @ q_emb[i]
             audits[i].hardest_negative_score = float(n_scores.max())
             scored += 1
             gap = audits[i].gap
@@ -317,10 +347,11 @@ def audit_training_data(
         "by_reason": by_reason,
         "checked": {
             "near_duplicates": st.near_duplicates,
-            "model_scores": score is not None,
+            "model_scores": scores_of is not None,
+            "scored_by": "bi-encoder" if score is not None else "cross-encoder" if pair_score else None,
         },
     }
-    if score is not None:
+    if scores_of is not None:
         summary["scores"] = {
             "gap": _quantiles(gaps),
             "too_easy_share": too_easy / scored if scored else None,

@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", default=None, help="score negatives with this model (or short name)")
     parser.add_argument(
+        "--reranker",
+        default=None,
+        help="score (query, document) pairs with this cross-encoder instead of --model (raw logits, as "
+        "embedtune mine --reranker uses them)",
+    )
+    parser.add_argument(
         "--margin",
         type=float,
         default=0.95,
@@ -87,8 +93,12 @@ def check(args: argparse.Namespace) -> None:
         raise _checks.UsageError(
             f"--fix {args.fix}: must not be the input TRAIN (the audit never edits its input)"
         )
+    if args.model and args.reranker:
+        raise _checks.UsageError("--model and --reranker: give one (a bi-encoder or a cross-encoder)")
     if args.model:
         _checks.check_model(args.model)
+    if args.reranker:
+        _checks.check_model(args.reranker, "--reranker")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,11 +153,27 @@ def run(args: argparse.Namespace) -> int:
                 np.asarray(encoder.encode_documents(docs, **kw), dtype=np.float32),
             )
 
+    pair_score = None
+    if args.reranker:
+        import numpy as np
+        import torch
+
+        from embedtune.reranker import CrossEncoderReranker
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        reranker = CrossEncoderReranker.from_pretrained(args.reranker, device=device)
+
+        def pair_score(queries: list[str], docs: list[str]) -> np.ndarray:
+            return reranker.predict(
+                queries, docs, batch_size=args.batch_size, bf16=args.bf16, max_length=args.max_length
+            )
+
     report = audit_training_data(
         data,
         eval_set,
         settings=settings,
         score=score,
+        pair_score=pair_score,
         progress=lambda m: print(f"audit: {m}", file=sys.stderr),
     )
     print(format_summary(report))

@@ -238,3 +238,48 @@ def test_cli_prints_the_table_and_writes_the_files(mini, tmp_path, capsys):
     assert main(["audit", str(tmp_path / "missing.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "missing.jsonl" in err and "Traceback" not in err
+
+
+def test_a_cross_encoders_pair_scores_give_what_the_same_scores_as_embeddings_give(planted_set):
+    """pair_score (a reranker's view) == score (a bi-encoder's) when both compute the same numbers."""
+    _, _, data, _ = planted_set
+    by_embeddings = audit_training_data(data, score=lambda q, d: (_bag_of_words(q), _bag_of_words(d)))
+    calls = []
+
+    def pairs(queries, docs):
+        calls.append(len(queries))
+        return np.einsum("ij,ij->i", _bag_of_words(queries), _bag_of_words(docs))
+
+    by_pairs = audit_training_data(data, pair_score=pairs)
+    # one call over every (query, positive) and (query, negative) pair of the data
+    assert calls == [len(data.pos_rows) + len(data.neg_rows)]
+    assert by_pairs.summary["negatives"]["checked"]["scored_by"] == "cross-encoder"
+    assert by_embeddings.summary["negatives"]["checked"]["scored_by"] == "bi-encoder"
+    for a, b in zip(by_embeddings.queries, by_pairs.queries):
+        assert a.positive_score == pytest.approx(b.positive_score, abs=1e-5)
+        assert (a.hardest_negative_score is None) == (b.hardest_negative_score is None)
+        if a.hardest_negative_score is not None:
+            assert a.hardest_negative_score == pytest.approx(b.hardest_negative_score, abs=1e-5)
+        assert sorted((f.row, f.reasons) for f in a.flags) == sorted((f.row, f.reasons) for f in b.flags)
+    assert by_pairs.summary["scores"]["gap"] == pytest.approx(
+        by_embeddings.summary["scores"]["gap"], abs=1e-6
+    )
+    with pytest.raises(ValueError, match="not both"):
+        audit_training_data(data, score=lambda q, d: (q, d), pair_score=pairs)
+
+
+def test_cli_audits_with_a_reranker(mini, tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests" / "recipes"))
+    from _train_helpers import teacher_reranker
+
+    small = tmp_path / "small.jsonl"
+    _planted_file(mini, small)
+    reranker = teacher_reranker(tmp_path / "reranker")
+    rc = main(["audit", str(small), "--reranker", str(reranker), "--output", str(tmp_path / "r.json")])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["negatives"]["checked"]["scored_by"] == "cross-encoder" and rep["scores"]["gap"]["count"] > 0
+    assert main(["audit", str(small), "--reranker", str(reranker), "--model", "tiny-bert"]) == 2
+    assert "give one" in capsys.readouterr().err
