@@ -55,7 +55,8 @@ def save_consolidated(model: nn.Module, path: str | Path, ctx: Any = None) -> Pa
     DDP and single process: rank 0 calls ``BiEncoder.save_pretrained`` (weights are replicated). FSDP2:
     the full state dict is gathered to rank 0's CPU (one block at a time, never the whole model on one
     GPU), LoRA deltas merged, and written as ``model.safetensors`` with the same config, tokenizer,
-    sentence-transformers and ``embedtune.json`` files as ``save_pretrained`` writes.
+    sentence-transformers and ``embedtune.json`` files as ``save_pretrained`` writes, in float32, into a
+    staged folder swapped in when complete (the previous model survives a crash).
 
     Args:
         model: the wrapped or plain :class:`~embedtune.models.biencoder.BiEncoder`.
@@ -82,7 +83,15 @@ def save_consolidated(model: nn.Module, path: str | Path, ctx: Any = None) -> Pa
     # full_state_dict + cpu_offload: gathered shard by shard, materialised only on rank 0's CPU.
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if ctx.is_main:
-        _write_plain_folder(inner, full, out, save_file)
+        from embedtune._atomic import staged_folder
+        from embedtune.models.saving import _check_target
+
+        target = out.expanduser().absolute()
+        _check_target(target)
+        # Written beside the target and swapped in when complete, as save_pretrained does: a crash
+        # or a full disk keeps the previous model.
+        with staged_folder(target) as staged:
+            _write_plain_folder(inner, full, staged, save_file)
     _barrier()
     return out if ctx.is_main else None
 
@@ -96,12 +105,18 @@ def _write_plain_folder(inner: nn.Module, full: dict[str, Tensor], out: Path, sa
     prefix = "backbone.base_model.model." if is_peft else "backbone."
     if is_peft:
         full = _merge_lora(inner, full)
-    weights = {k[len(prefix) :]: v.contiguous().clone() for k, v in full.items() if k.startswith(prefix)}
+    # float32, as save_pretrained saves by default: every reader then computes the same embeddings.
+    weights = {
+        k[len(prefix) :]: (v.float() if v.is_floating_point() else v).contiguous().clone()
+        for k, v in full.items()
+        if k.startswith(prefix)
+    }
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     base = inner.base_model  # type: ignore[attr-defined]
     settings = inner.settings  # type: ignore[attr-defined]
-    (out / "config.json").write_text(json.dumps(saving.stock_config_dict(base.config), indent=2) + "\n")
+    config = {**saving.stock_config_dict(base.config), "dtype": "float32"}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     inner.tokenizer.save_pretrained(str(out))  # type: ignore[attr-defined]
     for rel, content in saving.sentence_transformers_files(settings, inner.dim).items():  # type: ignore[attr-defined]
         f = out / rel

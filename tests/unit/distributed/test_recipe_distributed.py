@@ -161,6 +161,7 @@ def test_fsdp2_lora_with_validation_trains_and_consolidates(tmp_path):
         tmp_path,
         "run",
         distributed={"strategy": "fsdp2"},
+        model={"dtype": "bfloat16"},  # a bf16 base under LoRA: the consolidated save is float32 anyway
         peft={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
         validation={"data": str(val), "every_n_steps": 2, "eval_at_start": True},
         step_scheduler={"max_steps": 4, "ckpt_every_steps": None},
@@ -170,8 +171,16 @@ def test_fsdp2_lora_with_validation_trains_and_consolidates(tmp_path):
     assert "2 ranks (gloo, fsdp2)" in r.stdout
     from embedtune.models import AutoBiEncoder
 
-    model = AutoBiEncoder.from_pretrained(str(tmp_path / "run" / "run" / "model"))  # plain, LoRA merged
+    saved = tmp_path / "run" / "run" / "model"
+    model = AutoBiEncoder.from_pretrained(str(saved))  # plain, LoRA merged
     assert model.encode(["alpha beta"]).shape == (1, 64)
+    weights = final_weights(saved)
+    assert weights and all(t.dtype == torch.float32 for t in weights.values() if t.is_floating_point())
+    import json
+
+    assert json.loads((saved / "config.json").read_text())["dtype"] == "float32"
+    # written in a staged folder and swapped in: nothing half-written is left beside it
+    assert sorted(p.name for p in saved.parent.iterdir() if p.name.startswith(".model")) == []
 
 
 def test_embedtune_train_cli_launches_ranks(tmp_path):
