@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAY_CHANGE_ON_RESUME", "Fingerprint", "data_paths", "file_digest", "flatten_config"]
+__all__ = [
+    "MAY_CHANGE_ON_RESUME",
+    "Fingerprint",
+    "corpus_folders",
+    "data_paths",
+    "file_digest",
+    "flatten_config",
+]
 
 MAY_CHANGE_ON_RESUME: tuple[str, ...] = (
     "output_dir",
@@ -97,9 +104,46 @@ def file_digest(path: Path) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
+def corpus_folders(json_file: Path) -> list[Path]:
+    """The corpus folders a corpus-ID JSON file names (``"corpus": [{"path": ...}]``, relative to it).
+
+    Reads only as far as the ``corpus`` value when it comes early (NeMo writes it first), so a large
+    file is not parsed twice; otherwise the whole file. Anything unreadable gives ``[]`` (the data
+    reader reports it properly).
+    """
+    import json
+    import re
+
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            head = f.read(1 << 20)
+        m = re.search(r'"corpus"\s*:\s*', head)
+        value: Any = None
+        if m is not None:
+            try:
+                value, _ = json.JSONDecoder().raw_decode(head, m.end())
+            except ValueError:
+                value = None
+        if value is None:
+            doc = json.loads(Path(json_file).read_text(encoding="utf-8"))
+            value = doc.get("corpus") if isinstance(doc, dict) else None
+    except (OSError, ValueError):
+        return []
+    entries = value if isinstance(value, list) else [value]
+    out = []
+    for entry in entries:
+        rel = entry.get("path") if isinstance(entry, dict) else entry
+        if isinstance(rel, str) and rel:
+            folder = Path(rel) if Path(rel).is_absolute() else Path(json_file).parent / rel
+            if folder.is_dir():
+                out.append(folder)
+    return out
+
+
 def data_paths(config: Mapping[str, Any], base: Path | None = None) -> list[Path]:
     """The training data files and folders a recipe names: every ``data.*path`` / ``data.*negatives``
-    string that exists on disk (relative to ``base``, default the working directory)."""
+    string that exists on disk (relative to ``base``, default the working directory), and the corpus
+    folders that corpus-ID JSON files among them name (a changed corpus changes the training data)."""
     found: list[Path] = []
     for key, value in flatten_config(config).items():
         if not key.startswith("data.") or _ignored(key) or not isinstance(value, str) or not value:
@@ -109,6 +153,8 @@ def data_paths(config: Mapping[str, Any], base: Path | None = None) -> list[Path
         p = Path(value) if base is None or Path(value).is_absolute() else base / value
         if p.exists():
             found.append(p)
+            if p.is_file() and p.suffix == ".json":
+                found.extend(c for c in corpus_folders(p) if c not in found)
     return found
 
 

@@ -410,3 +410,41 @@ def test_cuda_round_trip_restores_gpu_weights_optimizer_and_the_cuda_rng(tmp_pat
         next(model2.parameters()).is_cuda and opt2.state[opt2.param_groups[0]["params"][0]]["exp_avg"].is_cuda
     )
     assert run(model2, opt2, 3) == want
+
+
+def test_a_changed_corpus_folder_of_a_corpus_id_file_is_refused(tmp_path):
+    """The corpus-ID layout keeps documents in a folder the JSON names: changing them changes the data."""
+    import json
+
+    from embedtune.training.checkpoint import data_paths
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "merlin_metadata.json").write_text('{"class": "TextQADataset", "corpus_id": "c"}')
+    (corpus / "docs.jsonl").write_text('{"id": "d1", "text": "one"}\n')
+    data = tmp_path / "train.json"
+    data.write_text(
+        json.dumps({"corpus": [{"path": "corpus"}], "data": [{"question": "q", "pos_doc": [{"id": "d1"}]}]})
+    )
+    recipe = {"data": {"datasets": [{"path": str(data)}]}}
+    paths = data_paths(recipe)
+    assert paths == [data, corpus]
+    # the "corpus" value found after the data list too (the whole file is read then)
+    late = tmp_path / "late.json"
+    late.write_text(
+        '{"data": ['
+        + ",".join(['{"question": "q", "pos_doc": [{"id": "d1"}]}'] * 30000)
+        + '], "corpus": {"path": "corpus"}}'
+    )
+    assert late.stat().st_size > 1 << 20 and data_paths({"data": {"datasets": [{"path": str(late)}]}}) == [
+        late,
+        corpus,
+    ]
+
+    ck = Checkpointer(tmp_path / "ck")
+    path = _save(ck, 1, fingerprint=Fingerprint.of(recipe, paths))
+    model, opt, _ = _setup(0)
+    ck.load(path, model=model, optimizer=opt, fingerprint=Fingerprint.of(recipe, data_paths(recipe)))
+    (corpus / "docs.jsonl").write_text('{"id": "d1", "text": "one, edited"}\n')
+    with pytest.raises(CheckpointError, match=rf"{corpus}: content changed"):
+        ck.load(path, model=model, optimizer=opt, fingerprint=Fingerprint.of(recipe, data_paths(recipe)))
