@@ -494,7 +494,8 @@ def run(args: argparse.Namespace) -> int:
         v = cfg.validation
         docs = f"{v.max_corpus} documents (all relevant + fixed others)" if v.max_corpus else "all documents"
         print(
-            f"held-out evaluation: {v.data}, {docs}, {cfg.model.max_length} tokens, same set before and after"
+            f"held-out evaluation: {v.data}, {docs}, {v.max_length or cfg.model.max_length} tokens, "
+            "same set before and after"
         )
         print(f"{'':8} {'NDCG@10':>8} {'Recall@10':>10} {'seconds':>8}")
         for name, r in (("before", before), ("after", after)):
