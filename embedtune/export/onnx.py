@@ -292,8 +292,6 @@ def _quantize_int8(src: Path, dst: Path, external: bool) -> None:
     quantised).
     """
     import onnx
-
-    require_int8()
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
     # The quantizer logs every skipped node at INFO level on its own logger, and tips on the root one.
