@@ -37,6 +37,11 @@ TRAIN_COST = 3.0  # a training step costs about 3 forward passes of its tokens (
 MIN_STEPS = 40  # fewer predicted steps than this: train on shorter passages (down to MIN_TRAIN_LENGTH)
 MIN_TRAIN_LENGTH = 64
 RESERVE_S = 30.0  # loading the model for training, merging LoRA and saving at the end
+# A LoRA run that fits fewer steps than the recipe's takes larger ones: its learning rate is multiplied
+# by MAX_LR_SCALE when at most half the recipe's steps fit, by 1 when all fit, linearly in between.
+# Chosen on a validation split carved from the training data (benchmarks/demo_lr.py: at ~40 of 80 steps
+# 4x the recipe's rate beat 2x and 1x), never on the held-out split the demo reports.
+MAX_LR_SCALE = 4.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +128,7 @@ class Plan:
     time_budget_s: float  # what the training loop may spend (its evaluations included)
     needed_s: float  # the whole job at the cheapest plan with MIN_STEPS steps, at the measured speed
     reasons: list[str] = field(default_factory=list)
+    lr_scale: float = 1.0  # the LoRA learning rate's factor for a run shorter than the recipe's
 
     @property
     def fits(self) -> bool:
@@ -137,6 +143,15 @@ def _eval_tokens(shape: EvalShape, max_length: int, n_docs: int) -> float:
     return shape.query_tokens + (sum(cut) if n_docs >= len(cut) else mean * n_docs)
 
 
+def lr_scale_for(steps: int, max_steps: int) -> float:
+    """The LoRA learning rate's factor for ``steps`` of the recipe's ``max_steps``: 1 when all fit,
+    ``MAX_LR_SCALE`` at half of them or fewer, linear in between."""
+    if steps >= max_steps:
+        return 1.0
+    short = min(1.0, 2.0 * (1.0 - steps / max_steps))  # 0 at max_steps, 1 at half of them
+    return 1.0 + (MAX_LR_SCALE - 1.0) * short
+
+
 def plan_demo(
     measured: Measured,
     shape: EvalShape,
@@ -146,6 +161,7 @@ def plan_demo(
     p_max_len: int,
     max_steps: int,
     budget_s: float = BUDGET_S,
+    lora_lr: float | None = None,
 ) -> Plan:
     """Plan the demo from measurements: precision, evaluation set, training time. Pure: no clock, no I/O.
 
@@ -158,6 +174,8 @@ def plan_demo(
         p_max_len: the recipe's training passage length.
         max_steps: the recipe's step limit.
         budget_s: the whole job's wall-time promise.
+        lora_lr: the recipe's learning rate when it trains LoRA adapters (scaled up for a run shorter
+            than the recipe's); None: full fine-tuning, the rate is kept.
 
     Returns:
         The plan; its ``reasons`` say why each choice was made.
@@ -226,6 +244,14 @@ def plan_demo(
         f"training: {train_s:.0f} s left after set-up and both evaluations, ~{step_s:.1f} s per step "
         f"predicted ({TRAIN_COST:g}x a forward pass) -> ~{steps} steps (recipe: up to {max_steps})"
     )
+    lr_scale = 1.0
+    if lora_lr is not None and 0 < steps < max_steps:
+        lr_scale = lr_scale_for(steps, max_steps)
+        reasons.append(
+            f"LoRA learning rate {lora_lr * lr_scale:.2g} (recipe: {lora_lr:.2g} for {max_steps} steps): ~{steps} "
+            f"steps take larger ones, x{lr_scale:.2g} (x{MAX_LR_SCALE:g} at half the recipe's steps or fewer; "
+            "chosen on a validation split carved from the training data, benchmarks/demo_lr.py)"
+        )
     needed = measured.elapsed_s + 2 * eval_s + min(MIN_STEPS, max_steps) * step_s + RESERVE_S
     return Plan(
         precision=precision,
@@ -240,6 +266,7 @@ def plan_demo(
         time_budget_s=left,
         needed_s=needed,
         reasons=reasons,
+        lr_scale=lr_scale,
     )
 
 
@@ -259,6 +286,8 @@ def apply_plan(cfg: Any, plan: Plan, overrides: list[str]) -> None:
     if not bf16 and str(cfg.model.dtype) in ("bfloat16", "torch.bfloat16"):
         put(cfg.model, "dtype", "model.dtype", "float32")  # bf16 weights run bf16 matmuls
     put(cfg.data, "p_max_len", "data.p_max_len", plan.p_max_len)
+    if plan.lr_scale != 1.0:
+        put(cfg.optimizer, "lr", "optimizer.lr", cfg.optimizer.lr * plan.lr_scale)
     sched = cfg.step_scheduler
     put(sched, "max_time_minutes", "step_scheduler.max_time_minutes", plan.time_budget_s / 60)
     if cfg.validation is not None:
@@ -459,6 +488,7 @@ def run(args: argparse.Namespace) -> int:
             p_max_len=cfg.data.p_max_len,
             max_steps=cfg.step_scheduler.max_steps or 1000,
             budget_s=60 * args.budget_minutes,
+            lora_lr=cfg.optimizer.lr if cfg.peft is not None else None,
         )
         apply_plan(cfg, plan, list(args.overrides))
         _print_plan(cfg, plan, measured, shape, 60 * args.budget_minutes)

@@ -8,10 +8,12 @@ from embedtune.commands.demo import (
     BUDGET_S,
     EVAL_SHARE,
     MARKER,
+    MAX_LR_SCALE,
     RESERVE_S,
     EvalShape,
     Measured,
     apply_plan,
+    lr_scale_for,
     plan_demo,
     prepare_output,
 )
@@ -28,7 +30,7 @@ def step_tokens(p_len: int) -> float:
     return 16 * (25 + p_len)
 
 
-def _plan(tokens_per_s: dict[str, float], elapsed_s: float = 25.0):
+def _plan(tokens_per_s: dict[str, float], elapsed_s: float = 25.0, lora_lr: float | None = 3e-4):
     return plan_demo(
         Measured(tokens_per_s, elapsed_s),
         SHAPE,
@@ -36,6 +38,7 @@ def _plan(tokens_per_s: dict[str, float], elapsed_s: float = 25.0):
         train_tokens_per_step=step_tokens,
         p_max_len=128,
         max_steps=80,
+        lora_lr=lora_lr,
     )
 
 
@@ -95,6 +98,32 @@ def test_apply_plan_sets_precision_eval_set_and_budget_but_not_overrides(tmp_pat
     cfg = load_train_config("smollm2_135m_demo", [f"output_dir={tmp_path / 'run'}"])
     apply_plan(cfg, plan, [])
     assert cfg.validation.max_corpus == plan.eval_docs < 1000
+
+
+def test_a_short_lora_run_takes_a_larger_learning_rate_and_says_so(tmp_path):
+    fast, slow = _plan({"fp32": 3000.0, "bf16": 9000.0}), _plan({"fp32": 600.0})
+    assert fast.steps == 80 and fast.lr_scale == 1.0  # the recipe's own run: its own rate
+    assert 0 < slow.steps < 80
+    assert slow.lr_scale == lr_scale_for(slow.steps, 80) > 1
+    assert any("LoRA learning rate" in r and "validation split" in r for r in slow.reasons)
+    assert _plan({"fp32": 600.0}, lora_lr=None).lr_scale == 1.0  # full fine-tuning: kept
+
+    cfg = load_train_config("smollm2_135m_demo", [f"output_dir={tmp_path / 'run'}"])
+    recipe_lr = cfg.optimizer.lr
+    apply_plan(cfg, slow, [])
+    assert cfg.optimizer.lr == pytest.approx(recipe_lr * slow.lr_scale)
+    given = [f"output_dir={tmp_path / 'run'}", "optimizer.lr=1e-4"]
+    cfg = load_train_config("smollm2_135m_demo", given)
+    apply_plan(cfg, slow, given)
+    assert cfg.optimizer.lr == pytest.approx(1e-4)  # set on the command line: never re-planned
+
+
+def test_the_learning_rate_factor_runs_from_one_to_its_cap():
+    assert lr_scale_for(80, 80) == 1.0 and lr_scale_for(100, 80) == 1.0
+    assert lr_scale_for(40, 80) == MAX_LR_SCALE == lr_scale_for(10, 80)  # half the steps or fewer
+    assert lr_scale_for(60, 80) == pytest.approx((1 + MAX_LR_SCALE) / 2)  # linear in between
+    factors = [lr_scale_for(s, 80) for s in range(1, 81)]
+    assert factors == sorted(factors, reverse=True)
 
 
 def _cfg(tmp_path, *extra: str):
