@@ -63,3 +63,13 @@ def test_hash_path_follows_content(tmp_path: Path) -> None:
     before = hash_path(f.parent), hash_path(f)
     f.write_text("two")
     assert hash_path(f.parent) != before[0] and hash_path(f) != before[1]
+
+
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_decoder_base_is_bfloat16_only_where_bfloat16_is_fast(fast_bf16: bool) -> None:
+    # Without AMX / avx512_bf16 a bfloat16 base runs emulated bf16 matmuls: several times slower.
+    s = choose_settings(
+        model_type="llama", num_parameters=135_000_000, num_train=900, device="cpu", fast_bf16=fast_bf16
+    )
+    assert s.recipe["model"]["dtype"] == ("bfloat16" if fast_bf16 else "float32")
+    assert s.recipe["bf16"] is fast_bf16
