@@ -602,9 +602,11 @@ def mining_block(result: MiningResult) -> dict[str, Any]:
     }
 
 
-def _doc_entry(key: str, value: str, score: float, teacher: float | None) -> dict[str, Any]:
+def _doc_entry(key: str, value: str, score: float | None, teacher: float | None) -> dict[str, Any]:
     # Rounded: 6 decimals keep every ranking and threshold decision, and halve the file size.
-    entry: dict[str, Any] = {key: value, "score": round(float(score), 6)}
+    entry: dict[str, Any] = {key: value}
+    if score is not None:  # None: written without mining (``unmined``)
+        entry["score"] = round(float(score), 6)
     if teacher is not None:
         entry["ce_score"] = round(float(teacher), 6)
     return entry
@@ -629,6 +631,18 @@ def _corpus_entries_for(data: Any, input_path: Path, output: Path) -> list[dict[
         new["path"] = os.path.relpath(folder.resolve(), output.parent.resolve())
         entries.append(new)
     return entries
+
+
+def unmined(data: Any, settings: MiningSettings, reason: str) -> MiningResult:
+    """A :class:`MiningResult` with no negatives and no scores: ``write_mined`` then writes ``data`` as it is
+    (corpus-ID or inline, the same corpus handling), with ``reason`` in its ``mining`` block."""
+    examples = [
+        MinedExample([], [], [None] * len(data.positives(i)), float("inf"))  # type: ignore[list-item]
+        for i in range(len(data))
+    ]
+    return MiningResult(
+        examples, settings, stats={"queries": len(data), "negatives": 0}, info={"not_mined": reason}
+    )
 
 
 def write_mined(

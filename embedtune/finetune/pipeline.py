@@ -255,6 +255,24 @@ def _validate(opts: FinetuneOptions, out: Path, data: Any) -> dict[str, Any]:
     }
 
 
+def _write_unmined(
+    data: Any, split: dict[str, Any], mining: dict[str, Any], out: Path, opts: FinetuneOptions
+) -> dict[str, Any]:
+    """The training queries without negatives (``data.n_passages`` 1: in-batch negatives only)."""
+    from embedtune.mining import MiningSettings, unmined, write_mined
+
+    train = data.select(split["train"])
+    result = unmined(train, MiningSettings(**mining), "data.n_passages is 1: in-batch negatives only")
+    paths = write_mined(
+        train, result, out / "data" / "train_mined.json", input_path=opts.data, output_format="corpus_id"
+    )
+    _say(
+        f"mine: not needed (data.n_passages 1 trains on in-batch negatives only); wrote the {len(train)} "
+        "training queries as they are"
+    )
+    return {"written": [str(p) for p in paths], "negatives": 0, "queries": len(train), "mined": False}
+
+
 def _mine(
     encoder: Any,
     data: Any,
@@ -264,7 +282,7 @@ def _mine(
     out: Path,
     opts: FinetuneOptions,
 ) -> dict[str, Any]:
-    """Hard negatives for the training queries from the base model; held-out positives never kept."""
+    """Hard negatives for the training queries from ``encoder``; held-out positives never kept."""
     from embedtune.eval.cache import default_cache_dir
     from embedtune.mining import MiningSettings, mine_hard_negatives, write_mined
 
@@ -295,6 +313,15 @@ def _mine(
         f"mined {sum(counts)} hard negatives for {len(counts)} queries (window {settings.range_start}:"
         f"{settings.range_end}, margin {margin}); {dropped} negatives that are held-out documents left out"
     )
+    empty = sum(1 for c in counts if c == 0)
+    if empty * 2 > len(counts):
+        window = len(counts) * (settings.range_end - settings.range_start)
+        _say(
+            f"warning: {empty} of {len(counts)} training queries have no mined negative (the margin dropped "
+            f"{result.stats.get('candidates_dropped_by_margin', '?')} of {window} window candidates: the "
+            "miner scores documents alike); they train on random fills. Mine with a retriever "
+            "(--set pipeline.mining.model=NAME), relax pipeline.mining.margin, or set data.n_passages=1"
+        )
     return {"written": [str(p) for p in paths], "negatives": sum(counts), "queries": len(counts)}
 
 
@@ -427,13 +454,34 @@ def run_finetune(opts: FinetuneOptions, *, train_fn: Callable[[Any], Any] | None
         _say(split["description"])
 
     # 2. mine hard negatives with the base model.
-    mining = pipeline.get("mining") or {}
+    mining = dict(pipeline.get("mining") or {})
+    miner_name = mining.pop("model", None)
     model_block = train_recipe.get("model", {})
     s_mine = stage(
-        "mine", hash_inputs("mine", s_val.key, model_block, mining, cfg.data.p_max_len, cfg.data.q_max_len)
+        "mine",
+        hash_inputs(
+            "mine",
+            s_val.key,
+            model_block,
+            mining,
+            miner_name,
+            cfg.data.n_passages > 1,
+            cfg.data.p_max_len,
+            cfg.data.q_max_len,
+        ),
     )
     if not s_mine.done():
-        s_mine.finish(_mine(base_encoder(), data, split, mining, cfg, out, opts))
+        if cfg.data.n_passages <= 1:
+            s_mine.finish(_write_unmined(data, split, mining, out, opts))
+        else:
+            if miner_name:
+                _say(f"mining with {miner_name} (pipeline.mining.model), not the base model")
+                miner = AutoBiEncoder.from_pretrained(str(miner_name), device=device)
+                miner.eval()
+            else:
+                miner = base_encoder()
+            s_mine.finish(_mine(miner, data, split, mining, cfg, out, opts))
+            del miner
 
     # 3. evaluate the base model.
     eval_key = hash_inputs(split["eval"], split["eval_split"], s_val.key, cfg.model.max_length)

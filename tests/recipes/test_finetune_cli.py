@@ -136,6 +136,44 @@ def test_decoder_trains_under_lora(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert result.before != result.after
 
 
+class _Stopped:
+    exit_code = 3
+
+
+def _stop_training(cfg: object) -> _Stopped:
+    return _Stopped()
+
+
+def test_one_passage_per_query_writes_the_training_queries_unmined(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from embedtune.data.formats import read_training_file
+
+    monkeypatch.setenv("EMBEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    data = write_pairs(tmp_path / "pairs.jsonl", n=48)
+    opts = _options(data, tmp_path / "run")
+    opts.overrides = [*SETTINGS, "data.n_passages=1"]
+    result = run_finetune(opts, train_fn=_stop_training)
+    assert result.exit_code == 3 and "mine: not needed" in capsys.readouterr().out
+    mined = json.loads((tmp_path / "run" / "data" / "train_mined.json").read_text())
+    split = json.loads((tmp_path / "run" / "data" / "split.json").read_text())
+    assert len(mined["data"]) == len(split["train"]) and mined["mining"]["not_mined"]
+    assert all(r["neg_doc"] == [] and r["pos_doc"] and "score" not in r["pos_doc"][0] for r in mined["data"])
+    back = read_training_file(tmp_path / "run" / "data" / "train_mined.json")
+    assert list(back.queries) == [r["question"] for r in mined["data"]]
+
+
+def test_mining_model_mines_instead_of_the_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    data = write_pairs(tmp_path / "pairs.jsonl", n=48)
+    opts = _options(data, tmp_path / "run")
+    opts.overrides = [*SETTINGS, "pipeline.mining.model=tiny-llama"]
+    run_finetune(opts, train_fn=_stop_training)
+    mined = json.loads((tmp_path / "run" / "data" / "train_mined.json").read_text())
+    assert mined["mining"]["model"]["name_or_path"] == "tiny-llama"
+    assert sum(len(r["neg_doc"]) for r in mined["data"]) > 0
+
+
 # ------------------------------------------------------------------------------------ killed runs
 def _cmd(data: Path, out: Path) -> list[str]:
     sets = [a for s in SETTINGS for a in ("--set", s)]

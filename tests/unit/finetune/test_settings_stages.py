@@ -32,7 +32,7 @@ def test_settings_are_a_valid_recipe_with_reasons(model_type: str, lora: bool) -
     )
     cfg = load_train_config({**_recipe(s, "tiny-bert"), "pipeline": {"mining": s.mining}})
     assert (cfg.peft is not None) == lora
-    assert cfg.optimizer.lr == (3e-4 if lora else 2e-5)
+    assert cfg.optimizer.lr == (1.2e-3 if lora else 2e-5)  # 84 steps: a short LoRA run
     assert cfg.step_scheduler.global_batch_size == 32 and cfg.step_scheduler.num_epochs == 3
     assert all(c.reason for c in s.choices)
     assert cfg.pipeline == {"mining": s.mining}  # accepted by train, carried unchanged
@@ -73,3 +73,23 @@ def test_decoder_base_is_bfloat16_only_where_bfloat16_is_fast(fast_bf16: bool) -
     )
     assert s.recipe["model"]["dtype"] == ("bfloat16" if fast_bf16 else "float32")
     assert s.recipe["bf16"] is fast_bf16
+
+
+def test_a_decoder_trains_on_in_batch_negatives_and_an_encoder_on_mined_ones() -> None:
+    # A converted decoder scores documents alike before training: mining with it yields no negatives.
+    kw = dict(num_parameters=135_000_000, num_train=900, device="cpu", fast_bf16=False)
+    decoder, encoder = choose_settings(model_type="llama", **kw), choose_settings(model_type="bert", **kw)
+    assert decoder.recipe["data"]["n_passages"] == 1 and encoder.recipe["data"]["n_passages"] == 2
+    assert decoder.mining["model"] is None and encoder.mining["model"] is None  # the base, when mining
+
+
+def test_only_a_short_lora_run_takes_the_larger_rate() -> None:
+    # The 4x rate was measured on 32-44-step runs; a long run keeps the shipped recipe's 3e-4.
+    def lr(num_train: int) -> float:
+        s = choose_settings(
+            model_type="llama", num_parameters=1, num_train=num_train, device="cpu", fast_bf16=False
+        )
+        return s.recipe["optimizer"]["lr"]
+
+    assert lr(537) == 1.2e-3 and lr(1_050) == 1.2e-3  # 48 and 96 steps
+    assert lr(1_100) == 3e-4 and lr(50_000) == 3e-4  # 102 and 1,562 steps
