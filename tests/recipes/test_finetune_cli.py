@@ -131,6 +131,7 @@ def test_decoder_trains_under_lora(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     recipe = yaml.safe_load((tmp_path / "run" / "finetune.yaml").read_text())
     assert recipe["peft"]["match_all_linear"] and recipe["model"]["bidirectional"]
     assert recipe["model"]["query_prefix"] == "query: "
+    assert recipe["data"]["n_passages"] == 1 and "mine" in result.ran  # in-batch only: nothing mined
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     assert result.exit_code == 0 and (tmp_path / "run" / "model" / "config.json").is_file()
     assert result.before != result.after
