@@ -453,7 +453,7 @@ def run_finetune(opts: FinetuneOptions, *, train_fn: Callable[[Any], Any] | None
     elif split.get("description"):
         _say(split["description"])
 
-    # 2. mine hard negatives with the base model.
+    # 2. mine hard negatives with the base model (or pipeline.mining.model); none for in-batch only.
     mining = dict(pipeline.get("mining") or {})
     miner_name = mining.pop("model", None)
     model_block = train_recipe.get("model", {})

@@ -175,6 +175,23 @@ def test_mining_model_mines_instead_of_the_base(tmp_path: Path, monkeypatch: pyt
     assert sum(len(r["neg_doc"]) for r in mined["data"]) > 0
 
 
+def test_a_miner_that_scores_documents_alike_is_named_as_the_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A random tiny model scores everything alike: the 95% margin leaves (almost) no negatives.
+    monkeypatch.setenv("EMBEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    data = write_pairs(tmp_path / "pairs.jsonl", n=48)
+    opts = _options(data, tmp_path / "run")
+    opts.overrides = [s for s in SETTINGS if not s.startswith("pipeline.mining.margin")]
+    run_finetune(opts, train_fn=_stop_training)
+    mined = json.loads((tmp_path / "run" / "data" / "train_mined.json").read_text())
+    empty = sum(1 for r in mined["data"] if not r["neg_doc"])
+    assert empty * 2 > len(mined["data"])
+    out = capsys.readouterr().out
+    assert f"warning: {empty} of {len(mined['data'])} training queries have no mined negative" in out
+    assert "pipeline.mining.model" in out
+
+
 # ------------------------------------------------------------------------------------ killed runs
 def _cmd(data: Path, out: Path) -> list[str]:
     sets = [a for s in SETTINGS for a in ("--set", s)]
