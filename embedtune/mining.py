@@ -618,13 +618,36 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         write(f)
 
 
+def _corpus_list(input_path: Path) -> list[Any]:
+    """The ``corpus`` entries of a corpus-ID file (NeMo writes a single corpus as one object)."""
+    corpus = json.loads(input_path.read_text(encoding="utf-8"))["corpus"]
+    return [corpus] if isinstance(corpus, dict) else list(corpus)
+
+
+def _record_corpus_ids(data: Any, input_path: Path) -> list[str] | None:
+    """Each example's ``corpus_id`` when the corpus-ID input names several corpora, else None.
+
+    Taken from the example's corpus (``data.groups`` indexes the input's corpora in order) and that
+    corpus's ``merlin_metadata.json``, so it holds for any subset of the input's examples.
+    """
+    entries = _corpus_list(input_path)
+    if len(entries) < 2:
+        return None
+    names = []
+    for entry in entries:
+        rel = entry.get("path") if isinstance(entry, dict) else entry
+        folder = Path(rel) if os.path.isabs(rel) else (input_path.parent / rel)
+        meta = json.loads((folder / "merlin_metadata.json").read_text(encoding="utf-8"))
+        names.append(str(meta["corpus_id"]))
+    return [names[int(g)] for g in data.groups]
+
+
 def _corpus_entries_for(data: Any, input_path: Path, output: Path) -> list[dict[str, Any]] | None:
     """The input's ``corpus`` list with paths re-based on the output file (corpus-ID input only)."""
     if data.format != "corpus_id":
         return None
-    doc = json.loads(input_path.read_text(encoding="utf-8"))
     entries = []
-    for entry in doc["corpus"]:
+    for entry in _corpus_list(input_path):
         rel = entry.get("path") if isinstance(entry, dict) else entry
         folder = Path(rel) if os.path.isabs(rel) else (input_path.parent / rel)
         new = dict(entry) if isinstance(entry, dict) else {}
@@ -748,10 +771,8 @@ def write_mined(
         written.append(folder)
         corpus_entries = [{"path": folder.name}]
     else:
-        raw = json.loads(Path(input_path).read_text(encoding="utf-8"))["data"]  # type: ignore[arg-type]
-        corpus_ids = [r.get("corpus_id") if isinstance(r, dict) else None for r in raw]
-        if len(corpus_ids) != len(data):
-            corpus_ids = None  # rows were skipped on reading; the single-corpus case needs no corpus_id
+        # Also right for a subset of the input's examples (a held-out split, skipped bad rows).
+        corpus_ids = _record_corpus_ids(data, Path(input_path))  # type: ignore[arg-type]
 
     def write_json(f: Any) -> None:
         # Streamed record by record so that a million examples never sit in memory as one JSON tree.

@@ -318,6 +318,54 @@ def test_corpus_id_input_keeps_its_corpus_folder(tmp_path: Path, tiny_encoder):
     assert len(read_training_file(out, cache_dir=tmp_path / "c")) == 10
 
 
+@pytest.mark.parametrize("single_object", [False, True])
+def test_a_subset_of_a_corpus_id_file_reads_back_with_the_same_documents(
+    tmp_path: Path, tiny_encoder, single_object: bool
+):
+    # A held-out split mines (or writes) a subset of the examples; with several corpora every record
+    # must still name its corpus. NeMo writes a single corpus as one object instead of a list.
+    from embedtune.data.formats import read_training_file
+    from embedtune.mining import mine_hard_negatives, write_mined
+
+    names = ["c0"] if single_object else ["c0", "c1"]
+    for name in names:
+        folder = tmp_path / "in" / f"folder_{name}"
+        folder.mkdir(parents=True)
+        (folder / "merlin_metadata.json").write_text(
+            json.dumps({"class": "TextQADataset", "corpus_id": name})
+        )
+        (folder / "docs.jsonl").write_text(
+            "".join(json.dumps({"id": f"d{i}", "text": f"{name} document {i}"}) + "\n" for i in range(12))
+        )
+    records = [
+        {
+            "question_id": f"q{i}",
+            "question": f"question {i}",
+            "corpus_id": names[i % len(names)],
+            "pos_doc": [{"id": f"d{i}"}],
+        }
+        for i in range(10)
+    ]
+    corpus = {"path": "folder_c0"} if single_object else [{"path": f"folder_{n}"} for n in names]
+    src = tmp_path / "in" / "train.json"
+    src.write_text(json.dumps({"corpus": corpus, "data": records}))
+    data = read_training_file(src, cache_dir=tmp_path / "c")
+    subset = data.select([7, 2, 5, 0])
+    res = mine_hard_negatives(tiny_encoder, subset, MiningSettings(2, 0, 8, None), cache_dir=None)
+    out = tmp_path / "elsewhere" / "mined.json"
+    write_mined(subset, res, out, input_path=src)
+    back = read_training_file(out, cache_dir=tmp_path / "c")
+
+    def docs(d, rows):
+        return [d.corpus.text(int(r)) for r in rows]
+
+    assert list(back.queries) == list(subset.queries)
+    assert sum(len(ex.negatives) for ex in res.examples) > 0
+    for i, ex in enumerate(res.examples):
+        assert docs(back, back.positives(i)) == docs(subset, subset.positives(i))
+        assert docs(back, back.negatives(i)) == docs(subset, ex.negatives)
+
+
 def test_cli_mine_on_a_beir_folder(tmp_path: Path, tiny_encoder):
     from embedtune.cli import main
 
