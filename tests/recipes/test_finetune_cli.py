@@ -145,18 +145,22 @@ def _stop_training(cfg: object) -> _Stopped:
     return _Stopped()
 
 
+def _run_until_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str]) -> tuple:
+    """Validate, mine and evaluate the base with ``overrides``; training stops at once. (result, mined)."""
+    monkeypatch.setenv("EMBEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    opts = _options(write_pairs(tmp_path / "pairs.jsonl", n=48), tmp_path / "run")
+    opts.overrides = overrides
+    result = run_finetune(opts, train_fn=_stop_training)
+    return result, json.loads((tmp_path / "run" / "data" / "train_mined.json").read_text())
+
+
 def test_one_passage_per_query_writes_the_training_queries_unmined(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from embedtune.data.formats import read_training_file
 
-    monkeypatch.setenv("EMBEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    data = write_pairs(tmp_path / "pairs.jsonl", n=48)
-    opts = _options(data, tmp_path / "run")
-    opts.overrides = [*SETTINGS, "data.n_passages=1"]
-    result = run_finetune(opts, train_fn=_stop_training)
+    result, mined = _run_until_training(tmp_path, monkeypatch, [*SETTINGS, "data.n_passages=1"])
     assert result.exit_code == 3 and "mine: not needed" in capsys.readouterr().out
-    mined = json.loads((tmp_path / "run" / "data" / "train_mined.json").read_text())
     split = json.loads((tmp_path / "run" / "data" / "split.json").read_text())
     assert len(mined["data"]) == len(split["train"]) and mined["mining"]["not_mined"]
     assert all(r["neg_doc"] == [] and r["pos_doc"] and "score" not in r["pos_doc"][0] for r in mined["data"])
@@ -165,12 +169,7 @@ def test_one_passage_per_query_writes_the_training_queries_unmined(
 
 
 def test_mining_model_mines_instead_of_the_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EMBEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    data = write_pairs(tmp_path / "pairs.jsonl", n=48)
-    opts = _options(data, tmp_path / "run")
-    opts.overrides = [*SETTINGS, "pipeline.mining.model=tiny-llama"]
-    run_finetune(opts, train_fn=_stop_training)
-    mined = json.loads((tmp_path / "run" / "data" / "train_mined.json").read_text())
+    _, mined = _run_until_training(tmp_path, monkeypatch, [*SETTINGS, "pipeline.mining.model=tiny-llama"])
     assert mined["mining"]["model"]["name_or_path"] == "tiny-llama"
     assert sum(len(r["neg_doc"]) for r in mined["data"]) > 0
 
@@ -179,12 +178,8 @@ def test_a_miner_that_scores_documents_alike_is_named_as_the_cause(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A random tiny model scores everything alike: the 95% margin leaves (almost) no negatives.
-    monkeypatch.setenv("EMBEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    data = write_pairs(tmp_path / "pairs.jsonl", n=48)
-    opts = _options(data, tmp_path / "run")
-    opts.overrides = [s for s in SETTINGS if not s.startswith("pipeline.mining.margin")]
-    run_finetune(opts, train_fn=_stop_training)
-    mined = json.loads((tmp_path / "run" / "data" / "train_mined.json").read_text())
+    no_margin_override = [s for s in SETTINGS if not s.startswith("pipeline.mining.margin")]
+    _, mined = _run_until_training(tmp_path, monkeypatch, no_margin_override)
     empty = sum(1 for r in mined["data"] if not r["neg_doc"])
     assert empty * 2 > len(mined["data"])
     out = capsys.readouterr().out
