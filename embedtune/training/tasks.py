@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from embedtune.errors import ConfigError, EmbedtuneError
-from embedtune.models.biencoder import freeze_unused_pooler
+from embedtune.models.biencoder import freeze_unused_pooler, set_attention_dropout
 from embedtune.training.config import TrainConfig
 from embedtune.training.gradcache import GradCache
 from embedtune.training.loss import build_loss, sequence_fingerprints
@@ -199,6 +199,14 @@ class BiEncoderTask:
             freeze_unused_pooler(enc.backbone)  # "all-linear" puts adapters on BERT's unused pooler too
         if m.gradient_checkpointing:
             enc.gradient_checkpointing_enable()
+        if m.attention_dropout is not None:
+            before = set_attention_dropout(enc.backbone, m.attention_dropout)
+            if parallel.is_main and before != m.attention_dropout:
+                print(
+                    f"attention dropout {before} -> {m.attention_dropout} while training "
+                    f"(model.attention_dropout; the saved config keeps {before})",
+                    flush=True,
+                )
         dims = self.cfg.loss.matryoshka_dims or []
         if dims and max(dims) > enc.dim:
             raise ConfigError(f"loss.matryoshka_dims: {max(dims)} exceeds the embedding size {enc.dim}")

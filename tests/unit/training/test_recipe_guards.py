@@ -230,3 +230,38 @@ def test_warmup_shorter_than_the_run_prints_nothing(tmp_path, capsys):
     r = _recipe(tmp_path, lr_scheduler={"name": "constant", "warmup_steps": 1})
     r.cleanup()
     assert "warmup" not in capsys.readouterr().err
+
+
+def test_attention_dropout_is_set_while_training_and_the_saved_config_keeps_its_own(tmp_path, capsys):
+    import json
+
+    cfg = load_config(
+        TrainConfig,
+        tiny_recipe(tmp_path, "tiny-bert", model={"attention_dropout": 0.0}, step_scheduler={"max_steps": 2}),
+    )
+    r = Recipe(cfg)
+    r.setup()
+    try:
+        attention = [m for n, m in r.model.named_modules() if n.endswith("attention.self.dropout")]
+        assert attention and all(m.p == 0.0 for m in attention)
+        result = r.train()
+    finally:
+        r.cleanup()
+    assert "attention dropout 0.1 -> 0.0 while training" in capsys.readouterr().out
+    saved = json.loads((result.model_dir / "config.json").read_text())
+    assert saved["attention_probs_dropout_prob"] == 0.1
+
+
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        (1.0, r"must be in \[0, 1\) or null, got 1.0"),
+        (-0.1, r"must be in \[0, 1\)"),
+        (True, "expected float"),
+    ],
+)
+def test_attention_dropout_outside_0_1_is_refused(tmp_path, bad, says):
+    from embedtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.attention_dropout: " + says):
+        load_config(TrainConfig, tiny_recipe(tmp_path, model={"attention_dropout": bad}))
