@@ -19,7 +19,7 @@ import numpy as np
 
 from embedtune.errors import EmbedtuneError, ModelLoadError
 from embedtune.export.errors import require_onnx
-from embedtune.models.encoding import encode_in_batches
+from embedtune.models.encoding import encode_in_batches, encode_label
 from embedtune.models.settings import SETTINGS_FILE, EncoderSettings
 from embedtune.models.tokenization import ensure_pad_token
 
@@ -221,7 +221,7 @@ class OnnxBiEncoder:
             batch_size=batch_size,
             prefix=prefix,
             show_progress=show_progress,
-            desc=f"encode {kind}s (onnx)",
+            desc=f"{encode_label(kind)} (onnx)",
         )
         if convert_to_numpy:
             return out

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from embedtune.errors import EmbedtuneError
-from embedtune.models.encoding import check_texts, encode_in_batches, token_lengths
+from embedtune.models.encoding import check_texts, encode_in_batches, encode_label, token_lengths
 from embedtune.models.pooling import pool
 from embedtune.models.settings import EncoderSettings
 from embedtune.models.tokenization import tokenize_texts
@@ -248,7 +248,7 @@ class BiEncoder(nn.Module):
                     batch_size=batch_size,
                     prefix=prefix,
                     show_progress=show_progress,
-                    desc=f"encode {kind}s",
+                    desc=encode_label(kind),
                     lengths=lengths,
                 )
         finally:

@@ -124,3 +124,8 @@ def token_lengths(
         ids = tokenizer(chunk, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
         out.extend(len(row) for row in ids)
     return out
+
+
+def encode_label(kind: str) -> str:
+    """The progress-bar label for encoding texts of ``kind``: ``encode queries`` / ``encode documents``."""
+    return "encode queries" if kind == "query" else f"encode {kind}s"

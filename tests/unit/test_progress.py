@@ -50,3 +50,9 @@ def test_encoding_reports_progress_in_a_log_file(monkeypatch):
     )
     assert out.shape == (10, 1)
     assert "encode documents: 3/3 batch (100%)" in fake.getvalue()
+
+
+def test_encoding_labels_say_queries_and_documents():
+    from embedtune.models.encoding import encode_label
+
+    assert [encode_label(k) for k in ("query", "document")] == ["encode queries", "encode documents"]
