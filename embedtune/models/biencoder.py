@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from embedtune.errors import EmbedtuneError
+from embedtune.errors import ConfigError, EmbedtuneError
 from embedtune.models.encoding import check_texts, encode_in_batches, encode_label, token_lengths
 from embedtune.models.pooling import pool
 from embedtune.models.settings import EncoderSettings
@@ -69,8 +69,6 @@ def set_attention_dropout(backbone: nn.Module, p: float) -> float | None:
         ConfigError: no attention layer of ``backbone`` was found to set, although its config has an
             attention dropout above 0 (or names none).
     """
-    from embedtune.errors import ConfigError
-
     if not 0 <= p < 1:
         raise ConfigError(f"model.attention_dropout: must be in [0, 1), got {p}")
     base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
