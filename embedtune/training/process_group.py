@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -179,11 +180,18 @@ def init_distributed(
 
 
 def destroy_distributed() -> None:
-    """Leave the process group (safe to call when none exists)."""
+    """Leave the process group (safe to call when none exists).
+
+    Drop the wrapped model (and what holds it) first: DDP's reducer keeps the group alive past
+    ``destroy_process_group``, and a gloo group still alive at interpreter shutdown is joined there,
+    where a thread that needs the GIL can keep the process from ever exiting. (FSDP2's device mesh is
+    also kept by DTensor's internal caches, out of reach: its group lives until shutdown.)
+    """
     global _CONTEXT, _NEGATIVES_GROUP
-    if dist.is_initialized():
-        dist.destroy_process_group()
     _NEGATIVES_GROUP = None
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
     _CONTEXT = DistContext(device=_CONTEXT.device)
 
 

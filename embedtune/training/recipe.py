@@ -23,6 +23,7 @@ checkpoint save/restore goes through :class:`RecipeCheckpoints` (one seam).
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import signal
@@ -536,7 +537,24 @@ class Recipe:
         finally:
             parallel = getattr(self, "parallel", None)
             if parallel is not None and self._parallel is None:
+                if parallel.grouped:  # a single process has no group to free (and keeps self.model)
+                    self._release()
                 parallel.close()
+
+    # What holds the process group: DDP's reducer (and FSDP2's mesh) keep a reference to it, and so
+    # do the optimizer, data and validator through the model.
+    _HOLDS_THE_MODEL = ("model", "optimizer", "scheduler", "data", "validator", "refresher", "checkpoints")
+
+    def _release(self) -> None:
+        """Drop the wrapped model and everything built on it, so leaving the group frees it now.
+
+        A process group that something still references outlives ``destroy_process_group``: its gloo
+        threads are then joined during interpreter shutdown, where a thread that needs the GIL can
+        block the exit for good (seen once as a rank that saved, printed, and never exited).
+        """
+        for name in self._HOLDS_THE_MODEL:
+            self.__dict__.pop(name, None)
+        gc.collect()
 
 
 BiEncoderRecipe = Recipe

@@ -6,6 +6,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -85,23 +86,62 @@ def launch_ranks(
             TOKENIZERS_PARALLELISM="false",
             OMP_NUM_THREADS="1",
         )
-        log = open(os.path.join(log_dir, f"rank{rank}.log"), "ab") if log_dir else subprocess.DEVNULL  # noqa: SIM115
-        procs.append(
-            subprocess.Popen([sys.executable, script, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        log_path = os.path.join(log_dir, f"rank{rank}.log") if log_dir else None
+        log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, script, *args], env=env, stdout=log, stderr=subprocess.STDOUT
         )
+        proc.log_path = log_path  # type: ignore[attr-defined]  # read by wait_all when a rank hangs
+        procs.append(proc)
     return procs
 
 
 def wait_all(procs: list[Any], timeout: float) -> list[int]:
-    """Wait for every process (killing all of them after ``timeout`` s); returns the exit codes."""
+    """Wait for every process (killing all of them after ``timeout`` s); returns the exit codes.
+
+    Raises:
+        TimeoutError: a rank was still running at the deadline. The message names the ranks that hung
+            and ends with their logs, including the Python stacks of every thread: a script that
+            calls :func:`dump_stacks_on_sigusr1` prints them when asked, just before it is killed.
+    """
+    import signal
+    import subprocess
+
     deadline = time.monotonic() + timeout
     try:
         for p in procs:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
-    except Exception:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(5)
+    except subprocess.TimeoutExpired:
+        hung = [r for r, p in enumerate(procs) if p.poll() is None]
+        for r in hung:
+            procs[r].send_signal(signal.SIGUSR1)
+        time.sleep(3)  # time to write the stacks
+        _kill(procs)
+        logs = "\n".join(
+            f"--- rank {r} ---\n" + Path(p.log_path).read_text(errors="replace")[-6000:]
+            for r, p in enumerate(procs)
+            if getattr(p, "log_path", None)
+        )
+        codes = [p.returncode for p in procs]
+        raise TimeoutError(
+            f"ranks {hung} still ran after {timeout:.0f} s (exit codes {codes})\n{logs}"
+        ) from None
+    except BaseException:
+        _kill(procs)
         raise
     return [p.returncode for p in procs]
+
+
+def _kill(procs: list[Any]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+
+
+def dump_stacks_on_sigusr1() -> None:
+    """In a rank script: SIGUSR1 prints every thread's Python stack to stderr (see :func:`wait_all`)."""
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)

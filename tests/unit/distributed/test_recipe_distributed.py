@@ -7,6 +7,7 @@ Slow: every run imports torch + transformers in 2-3 processes on shared CPUs.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -144,6 +145,41 @@ def test_recipe_sigterm_to_rank1_then_resume_is_exact(tmp_path, strategy):
     assert want.keys() == got.keys() and want
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert losses(tmp_path / "run" / "run") == losses(tmp_path / "ref" / "run")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc (Linux)")
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "ddp",
+        pytest.param(
+            "fsdp2",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="torch 2.13's DTensor caches (some in C++) keep FSDP2's device mesh and its group",
+            ),
+        ),
+    ],
+)
+def test_a_finished_rank_has_freed_its_process_group(tmp_path, strategy):
+    """After ``train()`` returns, no gloo/store thread is left for interpreter shutdown to join.
+
+    DDP and FSDP2 keep a reference to the process group; while the recipe still held the wrapped model,
+    ``destroy_process_group`` left the group (and its threads) alive until interpreter shutdown, where
+    one CI run's rank 1 saved, printed that it was stopping, and never exited.
+    """
+    sections: dict = {"step_scheduler": {"max_steps": 2, "ckpt_every_steps": None}}
+    if strategy == "fsdp2":
+        sections["distributed"] = {"strategy": "fsdp2"}
+    recipe = _recipe(tmp_path, "run", **sections)
+    script = str(Path(__file__).with_name("_rank_threads.py"))
+    procs = launch_ranks(script, 2, [str(tmp_path), str(recipe)], log_dir=str(tmp_path))
+    assert wait_all(procs, 300) == [0, 0], _logs(tmp_path)
+    for rank in (0, 1):
+        names = json.loads((tmp_path / f"threads_rank{rank}.json").read_text())
+        assert names, "no thread recorded"  # the main thread at least
+        left = [n for n in names if "gloo" in n or "tcpstore" in n]
+        assert not left, f"rank {rank}: {left} still run after train() returned"
 
 
 def _logs(folder: Path) -> str:
