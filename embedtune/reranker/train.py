@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from embedtune.errors import ConfigError
 from embedtune.training.config import TrainConfig
 from embedtune.training.parallel import Parallel
-from embedtune.training.tasks import autocast
+from embedtune.training.tasks import apply_attention_dropout, autocast
 
 __all__ = ["RerankBatches", "RerankTask", "listwise_loss", "train_reranker"]
 
@@ -105,13 +105,15 @@ class RerankTask:
         from embedtune.reranker.model import CrossEncoderReranker
 
         m = self.cfg.model
-        return CrossEncoderReranker.from_pretrained(
+        reranker = CrossEncoderReranker.from_pretrained(
             m.name_or_path,
             template=self.cfg.cross_encoder.template,
             max_length=m.max_length or DEFAULT_PAIR_LENGTH,
             pooling=self.cfg.cross_encoder.pooling,
             device=parallel.device,
         )
+        apply_attention_dropout(reranker.backbone, m.attention_dropout, parallel)
+        return reranker
 
     def batches(self, model: nn.Module) -> RerankBatches:
         """The training items as tokenised pairs."""

@@ -41,6 +41,7 @@ __all__ = [
     "Task",
     "TrainingBatches",
     "TrainingData",
+    "apply_attention_dropout",
     "apply_lora",
     "autocast",
     "task_for",
@@ -138,6 +139,20 @@ class TrainingData:
 
 
 # ============================================================================================== models
+def apply_attention_dropout(backbone: nn.Module, p: float | None, parallel: Parallel) -> None:
+    """``model.attention_dropout``: set it on ``backbone``'s attention layers (None: leave the model's own).
+
+    Rank 0 prints the change; the saved config keeps the checkpoint's value.
+    """
+    if p is None:
+        return
+    before = set_attention_dropout(backbone, p)
+    if parallel.is_main and before != p:
+        was = f"{before} -> {p}" if before is not None else f"set to {p}"
+        kept = f"the saved config keeps {before}" if before is not None else "the config names none"
+        print(f"attention dropout {was} while training (model.attention_dropout; {kept})", flush=True)
+
+
 def apply_lora(backbone: nn.Module, cfg: Any) -> nn.Module:
     """Wrap ``backbone`` with PEFT LoRA adapters (only they are trainable).
 
@@ -199,14 +214,7 @@ class BiEncoderTask:
             freeze_unused_pooler(enc.backbone)  # "all-linear" puts adapters on BERT's unused pooler too
         if m.gradient_checkpointing:
             enc.gradient_checkpointing_enable()
-        if m.attention_dropout is not None:
-            before = set_attention_dropout(enc.backbone, m.attention_dropout)
-            if parallel.is_main and before != m.attention_dropout:
-                print(
-                    f"attention dropout {before} -> {m.attention_dropout} while training "
-                    f"(model.attention_dropout; the saved config keeps {before})",
-                    flush=True,
-                )
+        apply_attention_dropout(enc.backbone, m.attention_dropout, parallel)
         dims = self.cfg.loss.matryoshka_dims or []
         if dims and max(dims) > enc.dim:
             raise ConfigError(f"loss.matryoshka_dims: {max(dims)} exceeds the embedding size {enc.dim}")

@@ -89,3 +89,27 @@ def test_a_model_with_no_attention_layer_to_set_is_refused_by_name():
         set_attention_dropout(Odd(), 0.0)
     with pytest.raises(ConfigError, match=r"\[0, 1\)"):
         set_attention_dropout(_model("bert"), 1.0)
+
+
+def test_a_model_whose_config_names_no_attention_dropout_is_said_so(capsys):
+    """The print says "set to", not "None -> 0.0", when the config has no attention-dropout key."""
+    from torch import nn
+
+    from embedtune.training.parallel import Parallel
+    from embedtune.training.tasks import apply_attention_dropout
+
+    class ToyAttention(nn.Module):
+        attention_dropout = 0.2
+
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = ToyAttention()
+
+    toy = Toy()
+    apply_attention_dropout(toy, 0.0, Parallel.from_env(device="cpu"))
+    assert toy.attn.attention_dropout == 0.0
+    out = capsys.readouterr().out
+    assert (
+        "attention dropout set to 0.0 while training (model.attention_dropout; the config names none)" in out
+    )

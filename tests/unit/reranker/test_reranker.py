@@ -150,6 +150,21 @@ def test_a_few_training_steps_run_and_save(tmp_path: Path):
     assert CrossEncoderReranker.from_pretrained(result.model_dir).predict(["a"], ["b"]).shape == (1,)
 
 
+def test_attention_dropout_reaches_the_cross_encoder_too(tmp_path: Path, capsys):
+    """``model.attention_dropout`` is the same key in a rerank recipe (not silently ignored)."""
+    from embedtune.reranker.train import RerankTask
+    from embedtune.training.config import load_train_config
+    from embedtune.training.parallel import Parallel
+
+    path, _ = _training_data(tmp_path, n=6)
+    for p in (None, 0.0):
+        cfg = load_train_config(_rerank_recipe(path, tmp_path / "r", model={"attention_dropout": p}))
+        reranker = RerankTask(cfg).build_model(Parallel.from_env(device="cpu"))
+        probs = [m.p for n, m in reranker.named_modules() if n.endswith("attention.self.dropout")]
+        assert probs and set(probs) == {0.1 if p is None else 0.0}
+    assert "attention dropout 0.1 -> 0.0 while training" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_training_lowers_the_loss_resumes_and_saves_a_loadable_model(tmp_path: Path):
     from sentence_transformers import CrossEncoder
