@@ -22,29 +22,18 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import recorded, shared_data
-from time_to_quality import ndcg, run_embedtune, train_pairs
+from _machine import recorded
+from time_to_quality import add_training_args, ndcg, parse_training_args, run_embedtune, train_pairs
 
 ARMS = {"model's own (0.1)": None, "attention dropout 0": 0.0}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=shared_data("scifact"), help="BEIR SciFact folder")
+    add_training_args(ap)
     ap.add_argument("--seeds", type=int, nargs="+", default=[12])
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-pairs", type=int, default=None, help="limit the training pairs (smoke runs)")
-    ap.add_argument("--max-corpus", type=int, default=None, help="limit the test corpus (smoke runs)")
-    ap.add_argument("--quick", action="store_true", help="smoke: 64 pairs, 1 epoch, 500 test documents")
-    args = ap.parse_args()
-    if args.quick:
-        args.max_pairs, args.epochs, args.max_corpus = args.max_pairs or 64, 1, args.max_corpus or 500
-    if not (args.data / "corpus.jsonl").is_file():
-        print(f"skipped: no SciFact at {args.data} (pass --data)")
+    args = parse_training_args(ap)
+    if args is None:
         return 0
 
     import torch

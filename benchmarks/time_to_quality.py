@@ -177,14 +177,33 @@ def ndcg(model_dir: Path, data: Path, args: argparse.Namespace) -> float:
     return float(res.metrics["ndcg@10"])
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_training_args(ap: argparse.ArgumentParser) -> None:
+    """The SciFact fine-tune's settings (shared with attention_dropout_quality.py)."""
     ap.add_argument("--data", type=Path, default=shared_data("scifact"), help="BEIR SciFact folder")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-pairs", type=int, default=None, help="limit the training pairs (smoke runs)")
+    ap.add_argument("--max-corpus", type=int, default=None, help="limit the test corpus (smoke runs)")
+    ap.add_argument("--quick", action="store_true", help="smoke: 64 pairs, 1 epoch, 500 test documents")
+
+
+def parse_training_args(ap: argparse.ArgumentParser) -> argparse.Namespace | None:
+    """Parse (``--quick`` applied); None, after saying so, when SciFact is not there."""
+    args = ap.parse_args()
+    if args.quick:
+        args.max_pairs, args.epochs, args.max_corpus = args.max_pairs or 64, 1, args.max_corpus or 500
+    if not (args.data / "corpus.jsonl").is_file():
+        print(f"skipped: no SciFact at {args.data} (pass --data)")
+        return None
+    return args
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(ap)
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument(
         "--budget-share", type=float, default=0.5, help="embedtune's time budget / ST's wall time"
@@ -195,15 +214,9 @@ def main() -> int:
         default=None,
         help="embedtune's model.attention_dropout (default: the model's own, 0.1, as sentence-transformers trains)",
     )
-    ap.add_argument("--max-pairs", type=int, default=None, help="limit the training pairs (smoke runs)")
-    ap.add_argument("--max-corpus", type=int, default=None, help="limit the test corpus (smoke runs)")
-    ap.add_argument("--quick", action="store_true", help="smoke: 64 pairs, 1 epoch, 500 test documents")
     ap.add_argument("--out", type=Path, default=None, help="keep models here (default: a temporary folder)")
-    args = ap.parse_args()
-    if args.quick:
-        args.max_pairs, args.epochs, args.max_corpus = args.max_pairs or 64, 1, args.max_corpus or 500
-    if not (args.data / "corpus.jsonl").is_file():
-        print(f"skipped: no SciFact at {args.data} (pass --data)")
+    args = parse_training_args(ap)
+    if args is None:
         return 0
     try:
         import sentence_transformers  # noqa: F401
