@@ -23,7 +23,6 @@ checkpoint save/restore goes through :class:`RecipeCheckpoints` (one seam).
 
 from __future__ import annotations
 
-import gc
 import math
 import random
 import signal
@@ -550,11 +549,11 @@ class Recipe:
 
         A process group that something still references outlives ``destroy_process_group``: its gloo
         threads are then joined during interpreter shutdown, where a thread that needs the GIL can
-        block the exit for good (seen once as a rank that saved, printed, and never exited).
+        block the exit for good (seen once as a rank that saved, printed, and never exited). The
+        reference cycles left behind are collected by ``destroy_distributed`` just before it leaves.
         """
         for name in self._HOLDS_THE_MODEL:
             self.__dict__.pop(name, None)
-        gc.collect()
 
 
 BiEncoderRecipe = Recipe

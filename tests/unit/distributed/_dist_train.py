@@ -15,7 +15,6 @@ trainable state, rank 0) and ``OUT/model`` (consolidated BiEncoder folder); exit
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -65,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args, ctx, signals, out)
     finally:
         signals.__exit__(None, None, None)
-        # The wrapped model (DDP and FSDP2 hold the process group) went with _train's frame, so the
-        # group's gloo threads end here and not during interpreter shutdown, where a rank once hung.
-        gc.collect()
+        # The wrapped model (DDP holds the process group) went with _train's frame, so the group's
+        # gloo threads end here (destroy_distributed collects first), not at interpreter shutdown.
         D.destroy_distributed()
 
 
