@@ -7,7 +7,7 @@ budget): the time_to_quality.py arm (919 SciFact train pairs, in-batch negatives
 lr 2e-5, scale 20, fp32), then scores both on the full SciFact test split (NDCG@10, embedtune's
 evaluator). SciFact train and test share one corpus (see time_to_quality.py).
 
-    .venv/bin/python benchmarks/attention_dropout_quality.py --seeds 12 13 14   # ~35 min per seed on 2 cores
+    .venv/bin/python benchmarks/attention_dropout_quality.py --seeds 12 13 14   # ~25 min per seed on the 2-core avx512_bf16 EPYC
     .venv/bin/python benchmarks/attention_dropout_quality.py --quick            # smoke: 64 pairs, 1 epoch
 
 Needs SciFact in ../shared/data (or ``--data``); skips cleanly without.

@@ -31,7 +31,7 @@ import yaml
 
 from embedtune._atomic import write_json, write_text
 from embedtune.config import apply_overrides, read_yaml
-from embedtune.errors import UsageError
+from embedtune.errors import ConfigError, UsageError
 from embedtune.finetune.settings import ENCODER_TYPES, choose_settings
 from embedtune.finetune.split import carve_heldout
 from embedtune.finetune.stages import Stage, hash_inputs, hash_path
@@ -120,12 +120,17 @@ def _model_kwargs(model_block: dict[str, Any]) -> dict[str, Any]:
 def _write_recipe(opts: FinetuneOptions, out: Path, data: Any, num_train: int, device: str) -> Path:
     """Choose the settings (printed with reasons) and write ``DIR/finetune.yaml`` atomically."""
     from embedtune.models import AutoBiEncoder
+    from embedtune.models.biencoder import set_attention_dropout
     from embedtune.training.config import load_train_config
 
     probe = AutoBiEncoder.from_pretrained(opts.model, device="cpu", verify=False)
     config = probe.config
     n_params = sum(p.numel() for p in probe.parameters())
     model_type = str(getattr(config, "model_type", ""))
+    try:  # the probe is thrown away: setting its dropout only asks whether embedtune can
+        own_attention_dropout = set_attention_dropout(probe.backbone, 0.0)
+    except ConfigError:
+        own_attention_dropout = None
     del probe
     settings = choose_settings(
         model_type=model_type,
@@ -134,6 +139,7 @@ def _write_recipe(opts: FinetuneOptions, out: Path, data: Any, num_train: int, d
         device=device,
         fast_bf16=_fast_bf16(device),
         max_position_embeddings=getattr(config, "max_position_embeddings", None),
+        attention_dropout=own_attention_dropout,
     )
     kind = "encoder" if model_type in ENCODER_TYPES else "decoder (LoRA)"
     _say(

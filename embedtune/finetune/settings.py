@@ -63,6 +63,13 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+#: Why an encoder fine-tunes without dropout on its attention probabilities (measured, see the docs).
+ATTENTION_DROPOUT_REASON = (
+    "no dropout on attention probabilities instead of the model's own {own} (hidden-state dropout stays): "
+    "PyTorch's fused CPU attention has none, so 0 lets it run; MiniLM on SciFact, 3 epochs, 3 seeds: "
+    "NDCG@10 0.6839 vs 0.6816 with 0.1 in 0.64x the training time (benchmarks/attention_dropout_quality.py)"
+)
+
 #: LoRA runs of at most this many steps take the larger rate measured on short runs (see ``choose_settings``).
 SHORT_LORA_STEPS = 100
 
@@ -82,6 +89,7 @@ def choose_settings(
     device: str,
     fast_bf16: bool,
     max_position_embeddings: int | None = None,
+    attention_dropout: float | None = None,
 ) -> FinetuneSettings:
     """Choose training and mining settings.
 
@@ -92,6 +100,8 @@ def choose_settings(
         device: ``cpu`` or ``cuda``.
         fast_bf16: bfloat16 compute is fast here (a GPU, or a CPU with AMX / avx512_bf16).
         max_position_embeddings: the model's position limit (caps the passage length).
+        attention_dropout: the model's own dropout on attention probabilities, when embedtune can set
+            it on the model's attention layers (None otherwise).
 
     Returns:
         The recipe blocks (model, peft, data, loss, optimizer, lr_scheduler, step_scheduler, checkpoint),
@@ -123,6 +133,8 @@ def choose_settings(
             "sentence-transformers' reference rate, measured at parity here",
         )
         pick("optimizer.weight_decay", 0.01, "AdamW default for full fine-tuning")
+        if attention_dropout:
+            pick("model.attention_dropout", 0.0, ATTENTION_DROPOUT_REASON.format(own=attention_dropout))
     else:
         pick(
             "peft",

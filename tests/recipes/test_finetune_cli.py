@@ -58,6 +58,8 @@ def test_whole_pipeline(finished) -> None:
     for name in ("before", "after"):
         assert 0 <= json.loads((out / "eval" / f"{name}.json").read_text())["metrics"]["ndcg@10"] <= 1
     assert result.before != result.after  # the model changed
+    recipe = yaml.safe_load((out / "finetune.yaml").read_text())
+    assert recipe["model"]["attention_dropout"] == 0.0  # tiny-bert's own is 0.1
 
 
 def test_heldout_split_shares_no_document_and_no_query_with_training(finished) -> None:

@@ -47,6 +47,27 @@ def test_small_data_gets_a_smaller_batch_and_large_data_fewer_epochs() -> None:
     assert large.recipe["step_scheduler"]["num_epochs"] == 1
 
 
+@pytest.mark.parametrize(
+    "model_type,own,expected",
+    [("bert", 0.1, 0.0), ("bert", 0.0, None), ("bert", None, None), ("llama", 0.1, None)],
+)
+def test_an_encoder_with_attention_dropout_trains_without_it(model_type: str, own, expected) -> None:
+    """Only an encoder whose own attention dropout is above 0 (and settable) gets 0, with the evidence."""
+    s = choose_settings(
+        model_type=model_type,
+        num_parameters=1,
+        num_train=900,
+        device="cpu",
+        fast_bf16=False,
+        attention_dropout=own,
+    )
+    assert s.recipe["model"].get("attention_dropout") == expected
+    why = [c.reason for c in s.choices if c.key == "model.attention_dropout"]
+    assert why == ([] if expected is None else [why[0]]) and all(
+        "attention_dropout_quality" in w for w in why
+    )
+
+
 def test_stage_done_only_for_the_same_key(tmp_path: Path) -> None:
     s = Stage(tmp_path, "mine", hash_inputs("a", 1))
     assert not s.done()
