@@ -11,6 +11,13 @@ its scale ``s`` becomes ``w.float() * s`` in the requested dtype, where ``s`` is
 
 Activation scales (``input_scale``, ``activation_scale``, ``k_scale``, ``v_scale``) only matter for
 FP8 *inference* kernels and are dropped. Anything else about the checkpoint is read as usual.
+
+The key names and the direction of the scale are those of Mistral's Hugging Face-format FP8 releases:
+``weight_scale_inv`` multiplies (its values equal the native format's ``qscale_weight``, as vLLM's fix for
+Devstral Small 2's HF-format weights checked), and ``activation_scale`` is unused for weights;
+llama.cpp's HF converter dequantises these checkpoints the same way (``w.float() * s``, the block scale
+repeated and trimmed). That is a check against other loaders, not against the real checkpoint: none can
+be downloaded here.
 """
 
 from __future__ import annotations
