@@ -100,8 +100,18 @@ def _fast_bf16(device: str) -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & set(flags))
 
 
+#: The weights' precision of both evaluations and of mining. Training saves the fine-tuned model in
+#: float32 (a bfloat16 LoRA base is merged and saved in float32), so "after" is what the user gets; the
+#: base is loaded in float32 too — not in its checkpoint's type (transformers' "auto": bfloat16 for most
+#: hub decoders) — so that before and after differ by the training only.
+EVAL_DTYPE = "float32"
+
+
 def _model_kwargs(model_block: dict[str, Any]) -> dict[str, Any]:
-    """``AutoBiEncoder.from_pretrained`` keyword arguments from the recipe's ``model:`` block."""
+    """``AutoBiEncoder.from_pretrained`` keyword arguments from the recipe's ``model:`` block.
+
+    Not ``dtype``: see ``EVAL_DTYPE``.
+    """
     keys = (
         "pooling",
         "normalize",
@@ -355,7 +365,9 @@ def _evaluate(
         if opts.ci_resamples
         else {}
     )
+    dtype = str(next(encoder.parameters()).dtype).removeprefix("torch.")
     record = {
+        "dtype": dtype,
         "metrics": result.metrics,
         "ci": ci,
         "num_queries": result.num_queries,
@@ -363,7 +375,7 @@ def _evaluate(
         "per_query": result.per_query,
     }
     write_json(out / "eval" / f"{name}.json", record)
-    return {"metrics": result.metrics, "ci": ci, "num_queries": result.num_queries}
+    return {"metrics": result.metrics, "ci": ci, "num_queries": result.num_queries, "dtype": dtype}
 
 
 def _table(before: dict[str, Any], after: dict[str, Any]) -> str:
@@ -445,7 +457,10 @@ def run_finetune(opts: FinetuneOptions, *, train_fn: Callable[[Any], Any] | None
     def base_encoder() -> Any:
         if "base" not in encoders:
             encoders["base"] = AutoBiEncoder.from_pretrained(
-                cfg.model.name_or_path, device=device, **_model_kwargs(train_recipe.get("model", {}))
+                cfg.model.name_or_path,
+                device=device,
+                dtype=EVAL_DTYPE,
+                **_model_kwargs(train_recipe.get("model", {})),
             )
             encoders["base"].eval()
         return encoders["base"]
@@ -482,7 +497,7 @@ def run_finetune(opts: FinetuneOptions, *, train_fn: Callable[[Any], Any] | None
         else:
             if miner_name:
                 _say(f"mining with {miner_name} (pipeline.mining.model), not the base model")
-                miner = AutoBiEncoder.from_pretrained(str(miner_name), device=device)
+                miner = AutoBiEncoder.from_pretrained(str(miner_name), device=device, dtype=EVAL_DTYPE)
                 miner.eval()
             else:
                 miner = base_encoder()
@@ -491,7 +506,8 @@ def run_finetune(opts: FinetuneOptions, *, train_fn: Callable[[Any], Any] | None
 
     # 3. evaluate the base model.
     eval_key = hash_inputs(split["eval"], split["eval_split"], s_val.key, cfg.model.max_length)
-    s_before = stage("eval_before", hash_inputs("eval_before", eval_key, model_block))
+    # EVAL_DTYPE in the key: earlier runs evaluated the base in its checkpoint's type; those are redone.
+    s_before = stage("eval_before", hash_inputs("eval_before", eval_key, model_block, EVAL_DTYPE))
     before = s_before.summary() or None
     if before is None:
         before = _evaluate(base_encoder(), split, cfg, out, "before", opts)
@@ -523,7 +539,7 @@ def run_finetune(opts: FinetuneOptions, *, train_fn: Callable[[Any], Any] | None
     if after is None:
         from embedtune.export.runtime import load_encoder
 
-        tuned = load_encoder(str(model_dir), "torch", device=device)
+        tuned = load_encoder(str(model_dir), "torch", device=device, dtype=EVAL_DTYPE)
         tuned.eval()
         after = _evaluate(tuned, split, cfg, out, "after", opts)
         s_after.finish(after)
@@ -532,7 +548,13 @@ def run_finetune(opts: FinetuneOptions, *, train_fn: Callable[[Any], Any] | None
         if not opts.eval
         else f"{opts.eval} ({opts.eval_split})"
     )
-    _say(f"retrieval on {where}, {after['num_queries']} queries:")
+    weights = (before.get("dtype"), after.get("dtype"))
+    precision = (
+        f" (weights in {weights[1]}, before and after)"
+        if weights[0] == weights[1]
+        else f" (weights: before {weights[0] or 'not recorded'}, after {weights[1]})"
+    )
+    _say(f"retrieval on {where}, {after['num_queries']} queries{precision}:")
     print(_table(before, after))
 
     # 6. export (verified against PyTorch).

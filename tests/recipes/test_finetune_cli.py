@@ -139,6 +139,31 @@ def test_decoder_trains_under_lora(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert result.before != result.after
 
 
+def test_a_bfloat16_checkpoint_is_evaluated_before_and_after_in_the_saved_models_float32(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Most hub decoders ship bfloat16; "before" must not run in it while the saved model is float32."""
+    from safetensors import safe_open
+
+    from embedtune.models import AutoBiEncoder
+
+    monkeypatch.setenv("EMBEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    AutoBiEncoder.from_pretrained("tiny-llama").save_pretrained(tmp_path / "bf16", dtype="bfloat16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    opts = _options(write_pairs(tmp_path / "pairs.jsonl", n=48), tmp_path / "run")
+    opts.model, opts.overrides = str(tmp_path / "bf16"), [*SETTINGS, "model.dtype=bfloat16"]
+    assert run_finetune(opts).exit_code == 0
+    with safe_open(str(tmp_path / "run" / "model" / "model.safetensors"), "pt") as f:
+        names = f.keys()
+        saved = {str(f.get_tensor(k).dtype).removeprefix("torch.") for k in names}
+    evaluated = [
+        json.loads((tmp_path / "run" / "eval" / f"{n}.json").read_text())["dtype"]
+        for n in ("before", "after")
+    ]
+    assert saved == {"float32"} and evaluated == ["float32", "float32"]
+    assert "(weights in float32, before and after)" in capsys.readouterr().out
+
+
 class _Stopped:
     exit_code = 3
 
