@@ -548,11 +548,14 @@ def run_finetune(opts: FinetuneOptions, *, train_fn: Callable[[Any], Any] | None
         if not opts.eval
         else f"{opts.eval} ({opts.eval_split})"
     )
-    weights = (before.get("dtype"), after.get("dtype"))
+    # A stage done before precisions were recorded has none: said so, not printed as "None".
+    weights = [r.get("dtype") or "not recorded" for r in (before, after)]
     precision = (
-        f" (weights in {weights[1]}, before and after)"
+        ""
+        if weights == ["not recorded"] * 2
+        else f" (weights in {weights[0]}, before and after)"
         if weights[0] == weights[1]
-        else f" (weights: before {weights[0] or 'not recorded'}, after {weights[1]})"
+        else f" (weights: before {weights[0]}, after {weights[1]})"
     )
     _say(f"retrieval on {where}, {after['num_queries']} queries{precision}:")
     print(_table(before, after))
