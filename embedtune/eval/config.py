@@ -10,6 +10,9 @@ validation:
   max_queries: 300                 # optional limits, for speed
   max_corpus: 2000
   early_stopping_patience: 5       # stop after 5 evaluations without improvement
+  # recipe: rerank only: rerank this bi-encoder's top 50 per query (required there)
+  # retriever: minilm
+  # rerank_top_k: 50
 ```
 """
 
@@ -68,6 +71,12 @@ class ValidationConfig:
     on for data sets known to need it."""
     backend: Literal["exact", "faiss"] = "exact"
     """Search back-end: exact blocked matrix products, or FAISS."""
+    retriever: str | None = None
+    """``recipe: rerank`` only, and required there: the bi-encoder (folder, hub id or short name) whose
+    top ``rerank_top_k`` documents per query the reranker being trained reorders at every validation.
+    It searches once, before the first validation; ``metric`` is then the reranked list's."""
+    rerank_top_k: int = 50
+    """``recipe: rerank``: documents per query that each validation reranks (the retriever's best)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, str) or not self.data.strip():
@@ -98,5 +107,9 @@ class ValidationConfig:
                 raise ConfigError(f"{name}: must be >= 1 or null (no limit), got {value}")
         if self.min_delta < 0:
             raise ConfigError(f"min_delta: must be >= 0, got {self.min_delta}")
+        if self.rerank_top_k < 1:
+            raise ConfigError(f"rerank_top_k: must be >= 1, got {self.rerank_top_k}")
+        if self.retriever is not None and (not isinstance(self.retriever, str) or not self.retriever.strip()):
+            raise ConfigError("retriever: a bi-encoder folder, hub id or short name (e.g. minilm), or null")
         if self.backend not in ("exact", "faiss"):
             raise ConfigError(f"backend: {self.backend!r} is not one of: exact, faiss")

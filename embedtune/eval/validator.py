@@ -65,6 +65,9 @@ class Validator:
         self.best_step: int | None = None
         self.improved = False
         self.bad_evals = 0
+        self._run: dict[str, dict[str, float]] | None = None
+        #: ``config.retriever``'s own metrics (``recipe: rerank``), once it has searched.
+        self.retriever_metrics: dict[str, float] = {}
 
     @property
     def eval_set(self) -> EvalSet:
@@ -91,7 +94,8 @@ class Validator:
         """Evaluate ``encoder`` now and update the best step and the early-stopping counter.
 
         Args:
-            encoder: the model being trained (a ``BiEncoder``); its train/eval mode is restored.
+            encoder: the model being trained (a ``BiEncoder``; with ``config.retriever``, the
+                ``CrossEncoderReranker`` that reranks the retriever's run); its train/eval mode is restored.
             step: the optimizer step, for the history.
 
         Returns:
@@ -99,17 +103,20 @@ class Validator:
         """
         c = self.config
         t0 = time.perf_counter()
-        result = run_evaluation(
-            encoder,
-            self.eval_set,
-            c.k_values,
-            batch_size=c.batch_size,
-            bf16=c.bf16,
-            max_length=c.max_length,
-            backend=c.backend,
-            show_progress=False,
-        )
-        metrics = dict(result.metrics)
+        if c.retriever:
+            metrics = self._reranked(encoder)
+        else:
+            result = run_evaluation(
+                encoder,
+                self.eval_set,
+                c.k_values,
+                batch_size=c.batch_size,
+                bf16=c.bf16,
+                max_length=c.max_length,
+                backend=c.backend,
+                show_progress=False,
+            )
+            metrics = dict(result.metrics)
         value = metrics[c.metric]
         self.improved = is_better(value, self.best_value, c.min_delta)
         if self.improved:
@@ -118,6 +125,42 @@ class Validator:
             self.bad_evals += 1
         metrics["eval_seconds"] = time.perf_counter() - t0
         self.history.append((step, metrics))
+        return metrics
+
+    def retrieved(self, device: Any = "cpu") -> dict[str, dict[str, float]]:
+        """``config.retriever``'s run on the validation set (searched on the first call, then kept)."""
+        if self._run is None:
+            from embedtune.models import AutoBiEncoder
+
+            c = self.config
+            retriever = AutoBiEncoder.from_pretrained(c.retriever, device=device)
+            result = run_evaluation(
+                retriever,
+                self.eval_set,
+                c.k_values,
+                batch_size=c.batch_size,
+                bf16=c.bf16,
+                max_length=c.max_length,
+                backend=c.backend,
+                top_k=max(max(c.k_values), c.rerank_top_k),
+                show_progress=False,
+            )
+            self._run, self.retriever_metrics = result.run, dict(result.metrics)
+            logger.info("validation retriever %s: %s %.4f", c.retriever, c.metric, result.metrics[c.metric])
+        return self._run
+
+    def _reranked(self, reranker: Any) -> dict[str, float]:
+        """The metrics of the retriever's top ``rerank_top_k`` reordered by ``reranker``."""
+        from embedtune.eval.metrics import compute_metrics
+        from embedtune.reranker.evaluate import rerank_run
+
+        c, es = self.config, self.eval_set
+        run = self.retrieved(getattr(reranker, "device", "cpu"))
+        scores = rerank_run(
+            reranker, es.queries, run, es.corpus, top_k=c.rerank_top_k, batch_size=c.batch_size, bf16=c.bf16
+        )
+        metrics = compute_metrics(es.qrels, scores, c.k_values)
+        metrics[f"retriever_{c.metric}"] = self.retriever_metrics[c.metric]
         return metrics
 
     @property

@@ -10,7 +10,10 @@ for a bi-encoder. What differs is the task (:class:`RerankTask`):
 2. every (query, passage) pair of the micro-batch is scored: logits (queries, group);
 3. softmax cross-entropy with the positive at index 0 (the listwise loss of NeMo's and FlagEmbedding's
    rerankers);
-4. the final model is saved in a layout that ``sentence_transformers.CrossEncoder`` loads.
+4. the final model is saved in a layout that ``sentence_transformers.CrossEncoder`` loads;
+5. a ``validation:`` block reranks ``validation.retriever``'s top ``rerank_top_k`` documents of each
+   validation query (searched once) and scores the reordered list: the best checkpoint and early
+   stopping follow the reranked ``metric``.
 
 Keys that mean something else here: ``model.max_length`` = tokens per (query, passage) pair (default
 256), ``data.n_passages`` = the group size, ``cross_encoder.template`` = the input prompt (decoders).
@@ -131,7 +134,7 @@ class RerankTask:
         return loss.detach()
 
     def inference_model(self, model: nn.Module, parallel: Parallel) -> nn.Module:
-        """The reranker itself (no validation for rerank recipes yet)."""
+        """The reranker itself: validation reranks ``validation.retriever``'s top documents with it."""
         return Parallel.unwrap(model)
 
     def trainable_state(self, model: nn.Module) -> dict[str, Tensor]:

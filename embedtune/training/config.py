@@ -518,6 +518,11 @@ class TrainConfig:
             raise ConfigError(f"num_threads: must be >= 1, got {self.num_threads}")
         if self.recipe == "rerank":
             _check_rerank(self)
+        elif self.validation is not None and self.validation.retriever:
+            raise ConfigError(
+                "validation.retriever: only for recipe: rerank (a bi-encoder recipe validates the model it "
+                "trains); remove it"
+            )
         sched = self.step_scheduler
         if self.gradcache.enabled and sched.local_batch_size not in (None, sched.global_batch_size):
             raise ConfigError(
@@ -542,7 +547,6 @@ def _check_rerank(cfg: TrainConfig) -> None:
     refuse = {
         "distill": cfg.distill is not None,
         "peft": cfg.peft is not None,
-        "validation": cfg.validation is not None,
         "gradcache": cfg.gradcache.enabled,
     }
     for key, present in refuse.items():
@@ -551,6 +555,11 @@ def _check_rerank(cfg: TrainConfig) -> None:
                 f"{key}: not supported with recipe: rerank (a cross-encoder trains all weights on a listwise "
                 f"loss); remove the {key} block, or train a bi-encoder (drop recipe: rerank)"
             )
+    if cfg.validation is not None and not cfg.validation.retriever:
+        raise ConfigError(
+            "validation.retriever: a rerank recipe validates by reranking a retriever's top documents; name "
+            "the bi-encoder that retrieves them (e.g. retriever: minilm, or a fine-tuned model folder)"
+        )
     if cfg.data.n_passages < 2:
         raise ConfigError(
             f"data.n_passages: recipe: rerank needs a positive and at least one negative per query (>= 2), "

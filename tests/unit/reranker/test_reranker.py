@@ -214,6 +214,54 @@ def test_recipe_is_validated(tmp_path: Path):
         load_train_config({**recipe, "grup_size": 4})
     with pytest.raises(ConfigError, match="peft: not supported with recipe: rerank"):
         load_train_config({**recipe, "peft": {"r": 4, "match_all_linear": True}})
+    with pytest.raises(ConfigError, match=r"validation\.retriever: a rerank recipe validates by reranking"):
+        load_train_config({**recipe, "validation": {"data": "x.jsonl"}})
+    biencoder = {k: v for k, v in recipe.items() if k != "recipe"}
+    with pytest.raises(ConfigError, match=r"validation\.retriever: only for recipe: rerank"):
+        load_train_config({**biencoder, "validation": {"data": "x.jsonl", "retriever": "minilm"}})
+
+
+def test_validation_reranks_the_retrievers_top_k_as_evaluate_reranking_does(tmp_path: Path):
+    """Each validation's metric is the reranked list's; the last one equals `evaluate_reranking` of the
+    saved reranker over the same retriever, and the retriever's own value is logged beside it."""
+    from embedtune.eval.datasets import load_eval_set
+    from embedtune.models import AutoBiEncoder
+    from embedtune.reranker import CrossEncoderReranker
+    from embedtune.reranker.evaluate import evaluate_reranking
+    from embedtune.reranker.train import train_reranker
+    from embedtune.training.config import load_train_config
+
+    path, data = _training_data(tmp_path, n=6)
+    validation = {
+        "data": str(path),  # its 6 queries against its 12 documents
+        "retriever": "tiny-bert",
+        "rerank_top_k": 4,
+        "every_n_steps": 1,
+        "eval_at_start": True,
+        "k_values": [1, 10],
+    }
+    recipe = _rerank_recipe(
+        path, tmp_path / "r", validation=validation, checkpoint={"load_best_at_end": False}
+    )
+    result = train_reranker(load_train_config(recipe), data=[data])
+
+    history = result.state.extra["validator"]["history"]
+    assert [step for step, _ in history] == [0, 1, 2, 3]
+    scores = [m["ndcg@10"] for _, m in history]
+    assert result.state.best_metric == max(scores)
+    retriever_scores = {m["retriever_ndcg@10"] for _, m in history}
+    assert len(retriever_scores) == 1  # searched once
+    ev = evaluate_reranking(
+        AutoBiEncoder.from_pretrained("tiny-bert"),
+        CrossEncoderReranker.from_pretrained(result.model_dir),
+        load_eval_set(str(path), "test"),
+        top_k=4,
+        k_values=(1, 10),
+    )
+    assert ev.reranked["ndcg@10"] == pytest.approx(scores[-1], abs=1e-6)
+    assert abs(ev.reranked["ndcg@10"] - ev.retriever["ndcg@10"]) > 0.1  # the two lists differ here
+    assert ev.retriever["ndcg@10"] == pytest.approx(retriever_scores.pop(), abs=1e-6)
+    assert all(len(docs) == 4 for docs in ev.run.values())
 
 
 # ------------------------------------------------------------------------------------ evaluation
