@@ -547,8 +547,13 @@ def _check_rerank(cfg: TrainConfig) -> None:
     refuse = {
         "distill": cfg.distill is not None,
         "peft": cfg.peft is not None,
-        "gradcache": cfg.gradcache.enabled,
     }
+    if cfg.gradcache.enabled:
+        raise ConfigError(
+            "gradcache: not needed with recipe: rerank — its listwise loss is a mean over queries, each over "
+            "its own group, so micro-batches give the whole batch's gradient exactly: remove the gradcache "
+            "block and bound memory with step_scheduler.local_batch_size (queries per forward/backward)"
+        )
     for key, present in refuse.items():
         if present:
             raise ConfigError(

@@ -214,6 +214,8 @@ def test_recipe_is_validated(tmp_path: Path):
         load_train_config({**recipe, "grup_size": 4})
     with pytest.raises(ConfigError, match="peft: not supported with recipe: rerank"):
         load_train_config({**recipe, "peft": {"r": 4, "match_all_linear": True}})
+    with pytest.raises(ConfigError, match="gradcache: not needed with recipe: rerank"):
+        load_train_config({**recipe, "gradcache": {"enabled": True}})
     with pytest.raises(ConfigError, match=r"validation\.retriever: a rerank recipe validates by reranking"):
         load_train_config({**recipe, "validation": {"data": "x.jsonl"}})
     biencoder = {k: v for k, v in recipe.items() if k != "recipe"}
