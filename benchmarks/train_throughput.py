@@ -5,9 +5,11 @@ BM25 hard negative), with the same batch size, sequence lengths, precision, loss
 negatives, scale 20 = temperature 0.05), optimizer (AdamW, same lr) and thread count:
 
 * ``st``      sentence-transformers ``MultipleNegativesRankingLoss`` (the trainer's compute_loss step)
-* ``et``      embedtune's recipe step (InfoNCE with in-batch + hard negatives, ID masking on)
+* ``et``      embedtune's recipe step (InfoNCE with in-batch + hard negatives, ID masking on), with its
+  blockwise dropout attention (``embedtune.models.attention``) where PyTorch's runs its unfused path
+* ``et-sdpa`` the same step on PyTorch's attention (``model.attn_implementation: sdpa``), as ST runs it
 * ``st-gc``   sentence-transformers ``CachedMultipleNegativesRankingLoss`` (GradCache), mini-batch C
-* ``et-gc``   embedtune with ``gradcache: {enabled: true, chunk_size: C}``
+* ``et-gc``   embedtune with ``gradcache: {enabled: true, chunk_size: C}`` (``et-sdpa-gc``: on PyTorch's attention)
 * ``et-ad0``, ``et-ad0-gc``  the same with ``model.attention_dropout: 0`` — *not* equal settings:
   sentence-transformers keeps MiniLM's attention dropout (0.1), which on CPU keeps PyTorch's attention
   off its fused kernel (hidden-state dropout stays 0.1 on both sides)
@@ -125,6 +127,8 @@ def worker(args: argparse.Namespace) -> dict:
                 "model": {
                     "name_or_path": "minilm",
                     "attention_dropout": 0.0 if "-ad0" in args.worker else None,
+                    # -sdpa: PyTorch's own attention (its unfused path while dropout > 0), not embedtune's
+                    "attn_implementation": "sdpa" if "-sdpa" in args.worker else None,
                 },
                 "data": {
                     "datasets": [{"path": str(DATA)}],
@@ -194,7 +198,7 @@ def main() -> int:
     ap.add_argument(
         "--only",
         nargs="*",
-        default=["st", "et", "et-ad0", "st-gc", "et-gc", "et-ad0-gc"],
+        default=["st", "et", "et-sdpa", "et-ad0", "st-gc", "et-gc", "et-sdpa-gc", "et-ad0-gc"],
         help="configurations to run",
     )
     ap.add_argument("--force", action="store_true", help="time bf16 even where the CPU emulates it")
@@ -280,6 +284,11 @@ def _compare(args: argparse.Namespace, peak_gflops: float) -> int:
         )
     if any("-ad0" in name for name in results):
         print("-ad0: embedtune with model.attention_dropout 0 (ST keeps MiniLM's 0.1): not equal settings")
+    if any("-sdpa" in name for name in results):
+        print(
+            "-sdpa: embedtune with model.attn_implementation: sdpa, PyTorch's attention as sentence-transformers "
+            "runs it (its unfused path with dropout 0.1), instead of embedtune's blockwise dropout attention"
+        )
     print(
         f"MFU: useful training FLOPs (6 x linear weights x real tokens + attention) per second over the "
         f"measured {'bf16' if args.bf16 else 'fp32'} matmul peak ({peak_gflops:.1f} GFLOP/s)"

@@ -206,7 +206,11 @@ class ModelConfig:
     weights of ~0.02 round to nothing. ``bfloat16`` is only for a frozen base under LoRA (``peft:``),
     where it halves memory; LoRA adapters stay float32 either way. bfloat16 without ``peft`` is refused."""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
-    """Attention kernel; ``eager`` is faster than ``sdpa`` for training on CPUs, ``sdpa`` on GPUs."""
+    """Attention kernel. null: transformers' choice (``sdpa``), except that a model training on a CPU
+    with dropout on its attention probabilities runs embedtune's blockwise dropout attention
+    (:mod:`embedtune.models.attention`; PyTorch's fused CPU kernel has no dropout). ``sdpa``: PyTorch's
+    own, its unfused path while that dropout is above 0. ``eager`` trains converted decoders faster than
+    ``sdpa`` on CPUs; ``sdpa`` is the GPU choice."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     attention_dropout: float | None = None
@@ -546,7 +550,6 @@ def _check_rerank(cfg: TrainConfig) -> None:
     """What ``recipe: rerank`` cannot combine with (each names the key to remove)."""
     refuse = {
         "distill": cfg.distill is not None,
-        "peft": cfg.peft is not None,
     }
     if cfg.gradcache.enabled:
         raise ConfigError(
@@ -557,9 +560,14 @@ def _check_rerank(cfg: TrainConfig) -> None:
     for key, present in refuse.items():
         if present:
             raise ConfigError(
-                f"{key}: not supported with recipe: rerank (a cross-encoder trains all weights on a listwise "
-                f"loss); remove the {key} block, or train a bi-encoder (drop recipe: rerank)"
+                f"{key}: not supported with recipe: rerank (a cross-encoder learns from its listwise loss "
+                f"over labelled groups); remove the {key} block, or train a bi-encoder (drop recipe: rerank)"
             )
+    if cfg.peft is not None and cfg.distributed.strategy == "fsdp2":
+        raise ConfigError(
+            "peft: a LoRA reranker cannot be merged from FSDP2 shards yet; train it with "
+            "distributed.strategy: ddp (LoRA keeps the per-rank memory small), or drop peft under fsdp2"
+        )
     if cfg.validation is not None and not cfg.validation.retriever:
         raise ConfigError(
             "validation.retriever: a rerank recipe validates by reranking a retriever's top documents; name "

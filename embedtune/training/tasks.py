@@ -139,22 +139,41 @@ class TrainingData:
 
 
 # ============================================================================================== models
-def apply_attention_dropout(backbone: nn.Module, p: float | None, parallel: Parallel) -> None:
+def apply_attention_dropout(
+    backbone: nn.Module, p: float | None, parallel: Parallel, *, attn_implementation: str | None = None
+) -> None:
     """``model.attention_dropout``: set it on ``backbone``'s attention layers (None: leave the model's own).
 
-    Rank 0 prints the change; the saved config keeps the checkpoint's value.
+    Rank 0 prints the change; the saved config keeps the checkpoint's value. On a CPU, a model left to
+    transformers' ``sdpa`` (``attn_implementation`` None) whose attention layers keep a dropout above 0
+    then trains with :mod:`embedtune.models.attention`'s blockwise dropout attention instead of PyTorch's
+    unfused path; ``model.attn_implementation: sdpa`` keeps PyTorch's.
     """
-    if p is None:
-        return
-    before = set_attention_dropout(backbone, p)
-    if parallel.is_main and before != p:
-        was = f"{before} -> {p}" if before is not None else f"set to {p}"
-        kept = f"the saved config keeps {before}" if before is not None else "the config names none"
-        print(f"attention dropout {was} while training (model.attention_dropout; {kept})", flush=True)
+    if p is not None:
+        before = set_attention_dropout(backbone, p)
+        if parallel.is_main and before != p:
+            was = f"{before} -> {p}" if before is not None else f"set to {p}"
+            kept = f"the saved config keeps {before}" if before is not None else "the config names none"
+            print(f"attention dropout {was} while training (model.attention_dropout; {kept})", flush=True)
+    if attn_implementation is None and parallel.device.type == "cpu":
+        from embedtune.models.attention import use_blockwise_dropout_attention
+
+        if use_blockwise_dropout_attention(backbone) and parallel.is_main:
+            print(
+                "attention: blockwise dropout attention on the CPU (PyTorch's fused kernel has none; "
+                "model.attn_implementation: sdpa keeps PyTorch's unfused path)",
+                flush=True,
+            )
 
 
-def apply_lora(backbone: nn.Module, cfg: Any) -> nn.Module:
+def apply_lora(backbone: nn.Module, cfg: Any, *, task_type: str | None = None) -> nn.Module:
     """Wrap ``backbone`` with PEFT LoRA adapters (only they are trainable).
+
+    Args:
+        backbone: the model to adapt.
+        cfg: the recipe's ``peft`` block.
+        task_type: PEFT's task type; ``SEQ_CLS`` (a reranker) keeps the score head (``classifier`` /
+            ``score``) out of ``all-linear`` and trains it in full beside the adapters.
 
     Raises:
         EmbedtuneError: ``target_modules`` matches no module of the backbone.
@@ -169,6 +188,7 @@ def apply_lora(backbone: nn.Module, cfg: Any) -> nn.Module:
         lora_dropout=cfg.dropout,
         target_modules="all-linear" if cfg.match_all_linear else list(cfg.target_modules),
         bias="none",
+        task_type=task_type,
     )
     try:
         with peft_wrapping():
@@ -214,7 +234,9 @@ class BiEncoderTask:
             freeze_unused_pooler(enc.backbone)  # "all-linear" puts adapters on BERT's unused pooler too
         if m.gradient_checkpointing:
             enc.gradient_checkpointing_enable()
-        apply_attention_dropout(enc.backbone, m.attention_dropout, parallel)
+        apply_attention_dropout(
+            enc.backbone, m.attention_dropout, parallel, attn_implementation=m.attn_implementation
+        )
         dims = self.cfg.loss.matryoshka_dims or []
         if dims and max(dims) > enc.dim:
             raise ConfigError(f"loss.matryoshka_dims: {max(dims)} exceeds the embedding size {enc.dim}")

@@ -92,8 +92,10 @@ def test_rand_context_restores_the_outer_state_of_every_device():
 
 
 # ----------------------------------------------------------------------- real dropout on a real device
-def _tiny_bert(device: str) -> torch.nn.Module:
+def _tiny_bert(device: str, attn: str = "eager") -> torch.nn.Module:
     from transformers import BertConfig, BertModel
+
+    from embedtune.models.attention import use_blockwise_dropout_attention
 
     cfg = BertConfig(
         vocab_size=100,
@@ -104,11 +106,14 @@ def _tiny_bert(device: str) -> torch.nn.Module:
         max_position_embeddings=32,
         hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.1,
-        attn_implementation="eager",
+        attn_implementation="sdpa" if attn == "blockwise" else attn,
     )
     torch.manual_seed(0)
     # float64: the comparison then measures the RNG replay, not float32 summation order.
-    return BertModel(cfg).to(device=device, dtype=torch.float64).train()
+    model = BertModel(cfg).to(device=device, dtype=torch.float64).train()
+    if attn == "blockwise":  # embedtune's CPU dropout attention, which also runs in the no-grad pass
+        assert use_blockwise_dropout_attention(model)
+    return model
 
 
 def _encoder(model: torch.nn.Module, device: str):
@@ -125,11 +130,11 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _reference_and_cached(device: str, devices: list[str] | None) -> tuple[dict, dict]:
+def _reference_and_cached(device: str, devices: list[str] | None, attn: str = "eager") -> tuple[dict, dict]:
     g = torch.Generator().manual_seed(1)
     b, chunk = 6, 4
     q, p = _inputs(g, b, 10), _inputs(g, b * N_PASSAGES, 12)
-    model = _tiny_bert(device)
+    model = _tiny_bert(device, attn)
     enc = _encoder(model, device)
     loss_fn = InfoNCELoss(LossConfig(temperature=0.05))
 
@@ -152,9 +157,12 @@ def _reference_and_cached(device: str, devices: list[str] | None) -> tuple[dict,
     return plain, _grads(model)
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_cached_gradients_equal_plain_ones_with_dropout_on_the_model_device(device):
-    plain, cached = _reference_and_cached(device, devices=[device])
+@pytest.mark.parametrize(
+    ("device", "attn"),
+    [("cpu", "eager"), ("cpu", "blockwise"), pytest.param(*CUDA.values, "eager", marks=CUDA.marks)],
+)
+def test_cached_gradients_equal_plain_ones_with_dropout_on_the_model_device(device, attn):
+    plain, cached = _reference_and_cached(device, devices=[device], attn=attn)
     assert plain.keys() == cached.keys() and plain
     for name in plain:
         torch.testing.assert_close(
