@@ -320,8 +320,13 @@ class CrossEncoderReranker(nn.Module):
         return weights_fingerprint(self.backbone)
 
     # ------------------------------------------------------------------------------------- saving
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, *, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write a folder that transformers, ``sentence_transformers.CrossEncoder`` and embedtune load.
+
+        Args:
+            path: the folder.
+            state_dict: the backbone's weights to write instead of its own (an FSDP2-sharded reranker's
+                full state, gathered to this rank's CPU; keys without the ``backbone.`` prefix).
 
         Returns:
             The folder.
@@ -330,7 +335,7 @@ class CrossEncoderReranker(nn.Module):
 
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(str(folder))
+        self.backbone.save_pretrained(str(folder), state_dict=state_dict)
         from embedtune.nemo.cross_encoder import LlamaBidirectionalForSequenceClassification
 
         if isinstance(self.backbone, LlamaBidirectionalForSequenceClassification):

@@ -15,6 +15,10 @@ for a bi-encoder. What differs is the task (:class:`RerankTask`):
    validation query (searched once) and scores the reordered list: the best checkpoint and early
    stopping follow the reranked ``metric``.
 
+A ``peft:`` block trains LoRA adapters (PEFT's ``SEQ_CLS`` task: the new score head trains in full,
+``all-linear`` leaves it out) and saves ``out/model`` merged, whatever ``peft.merge_on_save`` says (a
+``CrossEncoder`` folder holds plain weights), plus PEFT's adapter folder in ``out/adapter``.
+
 Keys that mean something else here: ``model.max_length`` = tokens per (query, passage) pair (default
 256), ``data.n_passages`` = the group size, ``cross_encoder.template`` = the input prompt (decoders).
 """
@@ -32,9 +36,9 @@ from torch import Tensor, nn
 from embedtune.errors import ConfigError
 from embedtune.training.config import TrainConfig
 from embedtune.training.parallel import Parallel
-from embedtune.training.tasks import apply_attention_dropout, autocast
+from embedtune.training.tasks import apply_attention_dropout, apply_lora, autocast
 
-__all__ = ["RerankBatches", "RerankTask", "listwise_loss", "train_reranker"]
+__all__ = ["RerankBatches", "RerankTask", "listwise_loss", "merged_reranker", "train_reranker"]
 
 DEFAULT_PAIR_LENGTH = 256
 
@@ -115,7 +119,12 @@ class RerankTask:
             pooling=self.cfg.cross_encoder.pooling,
             device=parallel.device,
         )
-        apply_attention_dropout(reranker.backbone, m.attention_dropout, parallel)
+        if self.cfg.peft is not None:
+            # SEQ_CLS: the new score head trains in full beside the adapters, and gets none itself.
+            reranker.backbone = apply_lora(reranker.backbone, self.cfg.peft, task_type="SEQ_CLS")
+        apply_attention_dropout(
+            reranker.backbone, m.attention_dropout, parallel, attn_implementation=m.attn_implementation
+        )
         return reranker
 
     def batches(self, model: nn.Module) -> RerankBatches:
@@ -134,23 +143,58 @@ class RerankTask:
         return loss.detach()
 
     def inference_model(self, model: nn.Module, parallel: Parallel) -> nn.Module:
-        """The reranker itself: validation reranks ``validation.retriever``'s top documents with it."""
-        return Parallel.unwrap(model)
+        """The reranker validation reranks ``validation.retriever``'s top documents with: itself, or
+        with LoRA a merged *copy* (merging the live model in place and back is not bit-exact)."""
+        inner = Parallel.unwrap(model)
+        if self.cfg.peft is None or parallel.is_sharded(model):
+            return inner
+        return merged_reranker(inner)
 
     def trainable_state(self, model: nn.Module) -> dict[str, Tensor]:
-        """Every weight (a cross-encoder trains all of them, and its head is new)."""
-        return {k: v.detach() for k, v in Parallel.unwrap(model).state_dict().items()}
+        """Every weight (a cross-encoder trains all of them, and its head is new); with LoRA the adapters
+        and the score head."""
+        inner = Parallel.unwrap(model)
+        if self.cfg.peft is not None:
+            return {n: p.detach() for n, p in inner.named_parameters() if p.requires_grad}
+        return {k: v.detach() for k, v in inner.state_dict().items()}
 
     def save_final(self, model: nn.Module, out: Path, parallel: Parallel) -> tuple[Path, Path | None]:
-        """``out/model`` in the sentence-transformers ``CrossEncoder`` layout (written by rank 0)."""
+        """``out/model`` in the sentence-transformers ``CrossEncoder`` layout (written by rank 0); with
+        LoRA the adapters merged into it, and PEFT's adapter folder (score head included) in ``out/adapter``."""
+        inner = Parallel.unwrap(model)
         if parallel.is_sharded(model):
-            raise ConfigError(
-                "distributed.strategy: fsdp2 cannot save a reranker yet; train it with strategy: ddp"
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            # A collective: the full weights, gathered shard by shard to rank 0's CPU.
+            full = get_model_state_dict(
+                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
             )
+            if parallel.is_main:
+                weights = {
+                    k.removeprefix("backbone."): v for k, v in full.items() if k.startswith("backbone.")
+                }
+                inner.save_pretrained(out / "model", state_dict=weights)  # type: ignore[operator]
+            parallel.barrier()
+            return out / "model", None
+        adapter = out / "adapter" if self.cfg.peft is not None else None
         if parallel.is_main:
-            Parallel.unwrap(model).save_pretrained(out / "model")  # type: ignore[operator]
+            if adapter is not None:
+                inner.backbone.save_pretrained(str(adapter))  # type: ignore[operator]
+                merged_reranker(inner).save_pretrained(out / "model")
+            else:
+                inner.save_pretrained(out / "model")  # type: ignore[operator]
         parallel.barrier()
-        return out / "model", None
+        return out / "model", adapter
+
+
+def merged_reranker(reranker: Any) -> Any:
+    """A copy of a LoRA reranker with its adapters merged into plain layers (the original is untouched)."""
+    import copy
+
+    from embedtune.reranker.model import CrossEncoderReranker
+
+    merged = copy.deepcopy(reranker.backbone).merge_and_unload()
+    return CrossEncoderReranker(merged, reranker.tokenizer, reranker.settings)
 
 
 def train_reranker(cfg: TrainConfig, *, data: Sequence[Any] | None = None) -> Any:

@@ -219,6 +219,34 @@ def test_fsdp2_lora_with_validation_trains_and_consolidates(tmp_path):
     assert sorted(p.name for p in saved.parent.iterdir() if p.name.startswith(".model")) == []
 
 
+def test_fsdp2_trains_and_saves_a_reranker_as_ddp_does(tmp_path):
+    """`recipe: rerank` under FSDP2: the full weights are gathered to rank 0 and saved in the CrossEncoder
+    layout; the saved reranker scores what the DDP run's scores (same data, seeds and steps)."""
+    if not _has_distributed_block():
+        pytest.skip("TrainConfig has no `distributed:` block yet (see docs/distributed.md)")
+    from embedtune.reranker import CrossEncoderReranker
+
+    scores = {}
+    for strategy in ("ddp", "fsdp2"):
+        recipe = _recipe(
+            tmp_path,
+            strategy,
+            backbone="tiny-bert",
+            recipe="rerank",
+            model={"max_length": 32},
+            distributed={"strategy": strategy},
+            step_scheduler={"max_steps": 4, "ckpt_every_steps": None},
+        )
+        r = _train(recipe, "--nproc-per-node", "2")
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        assert f"2 ranks (gloo, {strategy})" in r.stdout
+        saved = CrossEncoderReranker.from_pretrained(str(tmp_path / strategy / "run" / "model"))
+        scores[strategy] = saved.predict(["alpha beta", "gamma"], ["alpha beta gamma", "delta"])
+    torch.testing.assert_close(
+        torch.from_numpy(scores["fsdp2"]), torch.from_numpy(scores["ddp"]), rtol=1e-4, atol=1e-5
+    )
+
+
 def test_embedtune_train_cli_launches_ranks(tmp_path):
     """`embedtune train recipe.yaml distributed.strategy=fsdp2 --nproc-per-node 2` (the issue's command line)."""
     from embedtune.commands import train as train_command

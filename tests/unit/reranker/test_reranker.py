@@ -212,8 +212,12 @@ def test_recipe_is_validated(tmp_path: Path):
         load_train_config({**recipe, "recipe": "train"})
     with pytest.raises(ConfigError, match="grup_size"):
         load_train_config({**recipe, "grup_size": 4})
-    with pytest.raises(ConfigError, match="peft: not supported with recipe: rerank"):
-        load_train_config({**recipe, "peft": {"r": 4, "match_all_linear": True}})
+    lora = {"r": 4, "match_all_linear": True}
+    load_train_config({**recipe, "peft": lora})  # LoRA rerankers train (one process or DDP)
+    with pytest.raises(ConfigError, match="peft: a LoRA reranker cannot be merged from FSDP2 shards"):
+        load_train_config({**recipe, "peft": lora, "distributed": {"strategy": "fsdp2"}})
+    with pytest.raises(ConfigError, match="distill: not supported with recipe: rerank"):
+        load_train_config({**recipe, "distill": {}})
     with pytest.raises(ConfigError, match="gradcache: not needed with recipe: rerank"):
         load_train_config({**recipe, "gradcache": {"enabled": True}})
     with pytest.raises(ConfigError, match=r"validation\.retriever: a rerank recipe validates by reranking"):
@@ -221,6 +225,95 @@ def test_recipe_is_validated(tmp_path: Path):
     biencoder = {k: v for k, v in recipe.items() if k != "recipe"}
     with pytest.raises(ConfigError, match=r"validation\.retriever: only for recipe: rerank"):
         load_train_config({**biencoder, "validation": {"data": "x.jsonl", "retriever": "minilm"}})
+
+
+def test_micro_batches_give_the_whole_batchs_gradient(tmp_path: Path):
+    """Why GradCache is refused for rerankers: the listwise loss of 4 queries in one pass equals two
+    passes of 2 queries at half scale, gradient for gradient (dropout off)."""
+    from embedtune.reranker.train import RerankTask
+    from embedtune.training.config import load_train_config
+    from embedtune.training.parallel import Parallel
+
+    path, data = _training_data(tmp_path, n=6)
+    cfg = load_train_config(_rerank_recipe(path, tmp_path / "r", data={"n_passages": 3}))
+    task, cpu = RerankTask(cfg, data=[data]), Parallel.from_env(device="cpu")
+    model = task.build_model(cpu).eval()
+    batches = task.batches(model)
+
+    def grads(parts: list[list[int]]) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        for positions in parts:
+            task.forward_backward(model, batches.collate(0, positions), cpu, scale=len(positions) / 4)
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole, halves = grads([[0, 1, 2, 3]]), grads([[0, 1], [2, 3]])
+    assert whole and len(whole) == len(halves)
+    for a, b in zip(whole, halves):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_trains_adapters_and_the_head_and_saves_a_merged_model_that_scores_the_same(tmp_path: Path):
+    """LoRA on a reranker: only adapters and the new score head train (the head moves from its seeded
+    start); the merged folder scores what the adapted model scored, and sentence-transformers loads it."""
+    from peft import PeftModel
+    from sentence_transformers import CrossEncoder
+
+    from embedtune.models.zoo import peft_wrapping
+    from embedtune.reranker import CrossEncoderReranker
+    from embedtune.reranker.train import RerankTask, merged_reranker
+    from embedtune.training.config import load_train_config
+    from embedtune.training.parallel import Parallel
+    from embedtune.training.recipe import train
+
+    path, data = _training_data(tmp_path, n=6)
+    recipe = _rerank_recipe(
+        path,
+        tmp_path / "r",
+        peft={"r": 4, "alpha": 8, "match_all_linear": True},
+        optimizer={"lr": 1e-2},
+        model={"attention_dropout": 0.0},
+    )
+    cfg = load_train_config(recipe)
+    start = RerankTask(cfg).build_model(Parallel.from_env(device="cpu"))
+    trainable = {n for n, p in start.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
+    assert any("classifier" in n and "lora_" not in n for n in trainable)  # the head trains in full
+    head0 = next(
+        p.detach().clone()
+        for n, p in start.named_parameters()
+        if n.endswith("modules_to_save.default.weight")
+    )
+
+    task = RerankTask(cfg, data=[data])
+    result = train(cfg, task=task)
+
+    assert result.adapter_dir == tmp_path / "r" / "adapter"
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    saved = CrossEncoderReranker.from_pretrained(result.model_dir)
+    assert not any("lora_" in n for n, _ in saved.named_parameters())
+    # The adapted model, rebuilt from the base and the saved adapter, scores what the merged folder scores.
+    plain = load_train_config({k: v for k, v in recipe.items() if k != "peft"})
+    adapted = RerankTask(plain).build_model(Parallel.from_env(device="cpu"))
+    with peft_wrapping():
+        adapted.backbone = PeftModel.from_pretrained(adapted.backbone, result.adapter_dir)
+    queries, passages = ["topic 1 question", "topic 2 question"], ["all about topic 1", "all about topic 3"]
+    np.testing.assert_allclose(
+        saved.predict(queries, passages), adapted.predict(queries, passages), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        merged_reranker(adapted).predict(queries, passages),
+        adapted.predict(queries, passages),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert not torch.allclose(saved.backbone.classifier.weight, head0)  # the head learned
+    st = CrossEncoder(str(result.model_dir), device="cpu")
+    np.testing.assert_allclose(
+        st.predict(list(zip(queries, passages)), activation_fn=torch.nn.Identity()),
+        saved.predict(queries, passages),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_validation_reranks_the_retrievers_top_k_as_evaluate_reranking_does(tmp_path: Path):
