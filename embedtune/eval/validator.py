@@ -106,17 +106,7 @@ class Validator:
         if c.retriever:
             metrics = self._reranked(encoder)
         else:
-            result = run_evaluation(
-                encoder,
-                self.eval_set,
-                c.k_values,
-                batch_size=c.batch_size,
-                bf16=c.bf16,
-                max_length=c.max_length,
-                backend=c.backend,
-                show_progress=False,
-            )
-            metrics = dict(result.metrics)
+            metrics = dict(self._evaluate(encoder).metrics)
         value = metrics[c.metric]
         self.improved = is_better(value, self.best_value, c.min_delta)
         if self.improved:
@@ -127,6 +117,21 @@ class Validator:
         self.history.append((step, metrics))
         return metrics
 
+    def _evaluate(self, encoder: Any, **extra: Any) -> Any:
+        """Full-corpus retrieval of the validation set with ``encoder``, at the block's settings."""
+        c = self.config
+        return run_evaluation(
+            encoder,
+            self.eval_set,
+            c.k_values,
+            batch_size=c.batch_size,
+            bf16=c.bf16,
+            max_length=c.max_length,
+            backend=c.backend,
+            show_progress=False,
+            **extra,
+        )
+
     def retrieved(self, device: Any = "cpu") -> dict[str, dict[str, float]]:
         """``config.retriever``'s run on the validation set (searched on the first call, then kept)."""
         if self._run is None:
@@ -134,17 +139,7 @@ class Validator:
 
             c = self.config
             retriever = AutoBiEncoder.from_pretrained(c.retriever, device=device)
-            result = run_evaluation(
-                retriever,
-                self.eval_set,
-                c.k_values,
-                batch_size=c.batch_size,
-                bf16=c.bf16,
-                max_length=c.max_length,
-                backend=c.backend,
-                top_k=max(max(c.k_values), c.rerank_top_k),
-                show_progress=False,
-            )
+            result = self._evaluate(retriever, top_k=max(max(c.k_values), c.rerank_top_k))
             self._run, self.retriever_metrics = result.run, dict(result.metrics)
             logger.info("validation retriever %s: %s %.4f", c.retriever, c.metric, result.metrics[c.metric])
         return self._run
