@@ -236,8 +236,8 @@ def register() -> None:
 def use_blockwise_dropout_attention(backbone: nn.Module) -> bool:
     """Switch a CPU-trained ``backbone`` that runs transformers' ``sdpa`` to :data:`IMPLEMENTATION`.
 
-    Only where it changes something: the model's attention layers have dropout above 0 (BERT-family
-    ``nn.Dropout`` named ``dropout``, or a float ``attention_dropout``). Returns whether it switched.
+    Only where it changes something: the model's attention layers have dropout above 0
+    (:func:`~embedtune.models.biencoder.attention_dropout_slots`). Returns whether it switched.
     """
     base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
     config = getattr(base, "config", None)
@@ -245,14 +245,9 @@ def use_blockwise_dropout_attention(backbone: nn.Module) -> bool:
         return False
     if any(p.device.type != "cpu" for p in base.parameters()):
         return False
-    rates = []
-    for module in base.modules():
-        name = type(module).__name__
-        drop = getattr(module, "dropout", None)
-        if name.endswith(("SelfAttention", "CrossAttention")) and isinstance(drop, nn.Dropout):
-            rates.append(drop.p)
-        elif "Attention" in name and isinstance(getattr(module, "attention_dropout", None), float):
-            rates.append(module.attention_dropout)
+    from embedtune.models.biencoder import attention_dropout_slots
+
+    rates = [m.dropout.p if a == "dropout" else m.attention_dropout for m, a in attention_dropout_slots(base)]
     if not any(r > 0 for r in rates):
         return False
     register()

@@ -7,7 +7,7 @@ tokenised batches; ``encode_queries`` / ``encode_documents`` are the inference A
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,20 @@ def freeze_unused_pooler(backbone: nn.Module) -> list[str]:
     return frozen
 
 
+def attention_dropout_slots(model: nn.Module) -> Iterator[tuple[nn.Module, str]]:
+    """Every attention layer of ``model`` with its attention-probability dropout, as (module, attribute):
+    ``"dropout"`` (an ``nn.Dropout`` on a ``*SelfAttention`` / ``*CrossAttention`` module: BERT and its
+    kin) or ``"attention_dropout"`` (a float on an ``*Attention`` module: Llama, Mistral, ModernBERT)."""
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith(("SelfAttention", "CrossAttention")) and isinstance(
+            getattr(module, "dropout", None), nn.Dropout
+        ):
+            yield module, "dropout"
+        elif "Attention" in name and isinstance(getattr(module, "attention_dropout", None), float):
+            yield module, "attention_dropout"
+
+
 #: Config keys that hold a model's attention-probability dropout, by model family.
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
 
@@ -75,16 +89,12 @@ def set_attention_dropout(backbone: nn.Module, p: float) -> float | None:
     config = getattr(base, "config", None)
     before = next((float(getattr(config, k)) for k in ATTENTION_DROPOUT_KEYS if hasattr(config, k)), None)
     changed = 0
-    for module in base.modules():
-        name = type(module).__name__
-        if name.endswith(("SelfAttention", "CrossAttention")) and isinstance(
-            getattr(module, "dropout", None), nn.Dropout
-        ):
+    for module, attr in attention_dropout_slots(base):
+        if attr == "dropout":
             module.dropout.p = p
-            changed += 1
-        elif "Attention" in name and isinstance(getattr(module, "attention_dropout", None), float):
+        else:
             module.attention_dropout = p
-            changed += 1
+        changed += 1
     if not changed and (before is None or before > 0):
         model_type = getattr(config, "model_type", type(base).__name__)
         raise ConfigError(
