@@ -67,7 +67,8 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
 ATTENTION_DROPOUT_REASON = (
     "no dropout on attention probabilities instead of the model's own {own} (hidden-state dropout stays): "
     "PyTorch's fused CPU attention has none, so 0 lets it run; MiniLM on SciFact, 3 epochs, 3 seeds: "
-    "NDCG@10 0.6839 vs 0.6816 with 0.1 in 0.64x the training time (benchmarks/attention_dropout_quality.py)"
+    "NDCG@10 0.6839 vs 0.6816 with 0.1 in 0.64x the training time, measured against PyTorch's unfused path "
+    "(benchmarks/attention_dropout_quality.py; embedtune's blockwise dropout attention now narrows that gap)"
 )
 
 #: LoRA runs of at most this many steps take the larger rate measured on short runs (see ``choose_settings``).
