@@ -82,23 +82,44 @@ def peft_wrapping() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock`` (created if missing) while the block runs."""
+    import fcntl
+
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _build_once(name: str, builder: Callable[[Path], None]) -> Path:
-    """Build ``cache/models/name`` with ``builder`` once; atomic, so concurrent users never see half a folder."""
+    """Build ``cache/models/name`` with ``builder`` once; concurrent users never see half a folder.
+
+    Builders of one name take turns (a file lock beside the folder), so ranks that start together build
+    it once. The folder is complete when it holds ``config.json``; one without (left by an older
+    version, or by hand) is moved aside and rebuilt instead of failing every later run.
+    """
     target = cache_dir() / name
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        with quiet_transformers():
-            builder(tmp)
+    with _exclusive(target.parent / f".{name}.lock"):
+        if (target / "config.json").is_file():  # another process built it while this one waited
+            return target
+        if target.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{name}-incomplete-", dir=target.parent))
+            target.rename(aside / name)
+            shutil.rmtree(aside, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
+            with quiet_transformers():
+                builder(tmp)
             tmp.rename(target)
-        except OSError:  # another process finished first: use theirs
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
