@@ -38,6 +38,7 @@ __all__ = [
     "attention_forward",
     "draw_keep_mask",
     "dropout_attention",
+    "realised_drop",
     "register",
     "use_blockwise_dropout_attention",
 ]
@@ -58,6 +59,11 @@ def _drop_threshold(p: float) -> tuple[int, float]:
     """The int16 threshold below which an entry is dropped, and the drop probability it realises."""
     k = round(p * _LEVELS)
     return k - (_LEVELS // 2), k / _LEVELS
+
+
+def realised_drop(p: float) -> float:
+    """The drop probability :func:`draw_keep_mask` realises for a requested ``p``: ``p`` within 8e-6."""
+    return _drop_threshold(p)[1]
 
 
 def draw_keep_mask(shape: tuple[int, ...], p: float) -> Tensor:

@@ -147,7 +147,8 @@ def apply_attention_dropout(
     Rank 0 prints the change; the saved config keeps the checkpoint's value. On a CPU, a model left to
     transformers' ``sdpa`` (``attn_implementation`` None) whose attention layers keep a dropout above 0
     then trains with :mod:`embedtune.models.attention`'s blockwise dropout attention instead of PyTorch's
-    unfused path; ``model.attn_implementation: sdpa`` keeps PyTorch's.
+    unfused path; ``model.attn_implementation: sdpa`` keeps PyTorch's. On a CPU the model's
+    ``nn.Dropout`` modules become :class:`~embedtune.models.dropout.CpuDropout` (the same rates).
     """
     if p is not None:
         before = set_attention_dropout(backbone, p)
@@ -155,7 +156,13 @@ def apply_attention_dropout(
             was = f"{before} -> {p}" if before is not None else f"set to {p}"
             kept = f"the saved config keeps {before}" if before is not None else "the config names none"
             print(f"attention dropout {was} while training (model.attention_dropout; {kept})", flush=True)
-    if attn_implementation is None and parallel.device.type == "cpu":
+    if parallel.device.type != "cpu":
+        return
+    from embedtune.models.dropout import use_cpu_dropout
+
+    if use_cpu_dropout(backbone) and parallel.is_main:
+        print("dropout: masks drawn 16 bits per entry on the CPU (embedtune.models.dropout)", flush=True)
+    if attn_implementation is None:
         from embedtune.models.attention import use_blockwise_dropout_attention
 
         if use_blockwise_dropout_attention(backbone) and parallel.is_main:

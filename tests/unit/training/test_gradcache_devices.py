@@ -96,6 +96,7 @@ def _tiny_bert(device: str, attn: str = "eager") -> torch.nn.Module:
     from transformers import BertConfig, BertModel
 
     from embedtune.models.attention import use_blockwise_dropout_attention
+    from embedtune.models.dropout import use_cpu_dropout
 
     cfg = BertConfig(
         vocab_size=100,
@@ -106,13 +107,15 @@ def _tiny_bert(device: str, attn: str = "eager") -> torch.nn.Module:
         max_position_embeddings=32,
         hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.1,
-        attn_implementation="sdpa" if attn == "blockwise" else attn,
+        attn_implementation={"blockwise": "sdpa", "cpu-dropout": "eager"}.get(attn, attn),
     )
     torch.manual_seed(0)
     # float64: the comparison then measures the RNG replay, not float32 summation order.
     model = BertModel(cfg).to(device=device, dtype=torch.float64).train()
     if attn == "blockwise":  # embedtune's CPU dropout attention, which also runs in the no-grad pass
         assert use_blockwise_dropout_attention(model)
+    if attn in ("blockwise", "cpu-dropout"):  # and its CPU dropout (hidden states; eager: attention too)
+        assert use_cpu_dropout(model)
     return model
 
 
@@ -159,7 +162,12 @@ def _reference_and_cached(device: str, devices: list[str] | None, attn: str = "e
 
 @pytest.mark.parametrize(
     ("device", "attn"),
-    [("cpu", "eager"), ("cpu", "blockwise"), pytest.param(*CUDA.values, "eager", marks=CUDA.marks)],
+    [
+        ("cpu", "eager"),
+        ("cpu", "blockwise"),
+        ("cpu", "cpu-dropout"),
+        pytest.param(*CUDA.values, "eager", marks=CUDA.marks),
+    ],
 )
 def test_cached_gradients_equal_plain_ones_with_dropout_on_the_model_device(device, attn):
     plain, cached = _reference_and_cached(device, devices=[device], attn=attn)
