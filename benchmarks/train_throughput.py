@@ -6,10 +6,13 @@ negatives, scale 20 = temperature 0.05), optimizer (AdamW, same lr) and thread c
 
 * ``st``      sentence-transformers ``MultipleNegativesRankingLoss`` (the trainer's compute_loss step)
 * ``et``      embedtune's recipe step (InfoNCE with in-batch + hard negatives, ID masking on), with its
-  blockwise dropout attention (``embedtune.models.attention``) where PyTorch's runs its unfused path
+  blockwise dropout attention (``embedtune.models.attention``) where PyTorch's runs its unfused path,
+  its CPU dropout masks (``embedtune.models.dropout``) and its allocator setting (``embedtune._malloc``)
 * ``et-sdpa`` the same step on PyTorch's attention (``model.attn_implementation: sdpa``), as ST runs it
 * ``st-gc``   sentence-transformers ``CachedMultipleNegativesRankingLoss`` (GradCache), mini-batch C
 * ``et-gc``   embedtune with ``gradcache: {enabled: true, chunk_size: C}`` (``et-sdpa-gc``: on PyTorch's attention)
+* ``st+malloc``, ``st-gc+malloc``  sentence-transformers with the glibc allocator setting embedtune's
+  CPU training makes (``embedtune._malloc.keep_freed_memory``): how much of the gap is that setting
 * ``et-ad0``, ``et-ad0-gc``  the same with ``model.attention_dropout: 0`` — *not* equal settings:
   sentence-transformers keeps MiniLM's attention dropout (0.1), which on CPU keeps PyTorch's attention
   off its fused kernel (hidden-state dropout stays 0.1 on both sides)
@@ -89,9 +92,14 @@ def worker(args: argparse.Namespace) -> dict:
     if args.worker.startswith("st"):
         from sentence_transformers import SentenceTransformer, losses
 
+        if args.worker.endswith("+malloc"):
+            from embedtune._malloc import keep_freed_memory
+
+            assert keep_freed_memory(), "the allocator setting is glibc's only"
+
         model = SentenceTransformer(minilm, device="cpu")
         model.max_seq_length = args.p_max_len
-        if args.worker == "st":
+        if args.worker.removesuffix("+malloc") == "st":
             loss_fn = losses.MultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE)
         else:
             loss_fn = losses.CachedMultipleNegativesRankingLoss(
@@ -269,25 +277,31 @@ def _compare(args: argparse.Namespace, peak_gflops: float) -> int:
         f"max {args.p_max_len} tokens, {prec}, {args.threads} threads, {args.steps} timed steps, best of {args.repeats}"
     )
     print(
-        f"{'config':10} {'examples/s':>11} {'s/step':>8} {'CPU s/step':>11} {'peak RSS MB':>12} "
+        f"{'config':13} {'examples/s':>11} {'s/step':>8} {'CPU s/step':>11} {'peak RSS MB':>12} "
         f"{'speed vs ST':>12} {'CPU vs ST':>10} {'RSS vs ST':>10} {'MFU':>6}"
     )
     for name, r in results.items():
-        base = results.get("st-gc" if name.endswith("-gc") else "st")
+        base = results.get("st-gc" if name.removesuffix("+malloc").endswith("-gc") else "st")
         speed = f"{r['examples_per_s'] / base['examples_per_s']:.2f}x" if base else "-"
         cpu = f"{r['cpu_s_per_step'] / base['cpu_s_per_step']:.2f}x" if base else "-"
         rss = f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
         mfu = r["flops_per_step"] / r["s_per_step"] / (peak_gflops * 1e9)
         print(
-            f"{name:10} {r['examples_per_s']:11.2f} {r['s_per_step']:8.2f} {r['cpu_s_per_step']:11.2f} "
+            f"{name:13} {r['examples_per_s']:11.2f} {r['s_per_step']:8.2f} {r['cpu_s_per_step']:11.2f} "
             f"{r['peak_rss_mb']:12.0f} {speed:>12} {cpu:>10} {rss:>10} {mfu:6.1%}"
         )
     if any("-ad0" in name for name in results):
         print("-ad0: embedtune with model.attention_dropout 0 (ST keeps MiniLM's 0.1): not equal settings")
+    if any("+malloc" in name for name in results):
+        print(
+            "+malloc: sentence-transformers with the glibc allocator setting embedtune's CPU training makes "
+            "(embedtune._malloc: no mmap, freed memory kept for reuse); ratios stay against ST's defaults"
+        )
     if any("-sdpa" in name for name in results):
         print(
             "-sdpa: embedtune with model.attn_implementation: sdpa, PyTorch's attention as sentence-transformers "
-            "runs it (its unfused path with dropout 0.1), instead of embedtune's blockwise dropout attention"
+            "runs it (its unfused path with dropout 0.1), instead of embedtune's blockwise dropout attention "
+            "(hidden-state dropout and the allocator setting stay embedtune's)"
         )
     print(
         f"MFU: useful training FLOPs (6 x linear weights x real tokens + attention) per second over the "

@@ -211,6 +211,10 @@ class Recipe:
         threads = cfg.num_threads or parallel.cpu_threads()
         if threads:
             torch.set_num_threads(threads)
+        if parallel.device.type == "cpu":
+            from embedtune._malloc import keep_freed_memory
+
+            keep_freed_memory()  # a CPU step reallocates the same large buffers: keep them mapped
         # Seed before anything random is created (LoRA init, a new score head, dropout): reproducible.
         seed_everything(cfg.seed)
         self.model = parallel.wrap(self.task.build_model(parallel))  # wrapped before the optimizer
