@@ -4,7 +4,9 @@ Same model (the packaged all-MiniLM-L6-v2), same texts, batch size, max length (
 process. The two are run in alternating rounds (A B A B ...) so that load from other processes on a
 shared machine hits both alike; the table shows the median of the rounds and the ratio to
 sentence-transformers (the baseline). The embeddings of the two are compared too: the speed of a wrong
-answer is worthless.
+answer is worthless. Both run in one process, so both get the glibc allocator setting that embedtune's
+CPU encoding makes (``embedtune._malloc``; embedtune's untimed warm-up makes it): the ratio compares the
+encoders, not the allocator (that setting alone took both from ~13.8 to ~15 documents/s, AVX2 EPYC).
 
     .venv/bin/python benchmarks/encode_throughput.py --limit 400 --rounds 3 [--bf16] [--batch-size 32]
 

@@ -232,6 +232,10 @@ class BiEncoder(nn.Module):
         """
         device = self.device
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        if device.type == "cpu":
+            from embedtune._malloc import keep_freed_memory
+
+            keep_freed_memory()  # every batch reallocates the same activations: keep them mapped
 
         def embed_batch(batch: list[str], batch_prefix: str | list[str] | None) -> np.ndarray:
             feats = self.tokenize(batch, kind, max_length=max_length, prefix=batch_prefix)
