@@ -10,7 +10,9 @@ Three ways, in one process, alternating rounds (A B C A B C ...; the median is k
 
     .venv/bin/python benchmarks/attention_dropout.py                    # fp32 and bf16, 128/256 tokens
 
-Ratios are against ``torch dropout`` measured in the same run.
+Ratios are against ``torch dropout`` measured in the same run. ``--keep-freed-memory`` first applies the
+glibc allocator setting embedtune's CPU training makes (``embedtune._malloc``) — to all three ways alike:
+without it, every large tensor of the unfused path is a fresh ``mmap`` that page-faults.
 """
 
 from __future__ import annotations
@@ -58,16 +60,26 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument(
+        "--keep-freed-memory", action="store_true", help="embedtune's glibc allocator setting, for all ways"
+    )
     args = ap.parse_args()
 
     import torch
 
+    if args.keep_freed_memory:
+        from embedtune._malloc import keep_freed_memory
+
+        assert keep_freed_memory(), "the allocator setting is glibc's only"
+
     torch.set_num_threads(args.threads)
-    with recorded("attention_dropout", argv=sys.argv[1:], threads=args.threads):
+    suffix = "_kept_memory" if args.keep_freed_memory else ""
+    with recorded("attention_dropout", argv=sys.argv[1:], threads=args.threads, suffix=suffix):
+        allocator = "freed memory kept (embedtune._malloc)" if args.keep_freed_memory else "glibc's default"
         print(
             f"\none attention layer, forward + backward: {args.rows} sequences x {args.heads} heads x "
             f"{args.head_dim} dims, 1/4 of the rows padded to half length, dropout {args.p}, "
-            f"{args.threads} threads, median of {args.rounds} rounds"
+            f"{args.threads} threads, median of {args.rounds} rounds, allocator: {allocator}"
         )
         print(f"{'dtype':9} {'tokens':>6} {'way':18} {'ms':>8} {'vs torch dropout':>17}")
         for dtype_name in args.dtypes:
