@@ -245,8 +245,8 @@ def main() -> int:
             corpus += f", first {args.max_test_queries} test queries"
         if args.mini:
             print(
-                f"\nMiniLM on {len(pairs)} scifact-mini train pairs (537 queries); NDCG@10 on scifact-mini "
-                f"test (300 queries, 1,000 documents, none in train's corpus); {args.threads} threads."
+                f"\nMiniLM on {len(pairs)} scifact-mini train pairs ({len({q for q, _ in pairs})} queries); "
+                f"NDCG@10 on scifact-mini test (no document in train's corpus); {args.threads} threads."
             )
         else:
             print(
