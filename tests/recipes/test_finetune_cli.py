@@ -62,6 +62,28 @@ def test_whole_pipeline(finished) -> None:
     assert recipe["model"]["attention_dropout"] == 0.0  # tiny-bert's own is 0.1
 
 
+def test_a_carved_split_is_evaluated_on_minings_corpus_embeddings_with_the_folders_numbers(finished) -> None:
+    """The corpus is encoded once per model: mining's base-model embeddings serve "before" (the held-out
+    folder's copy of the corpus had another fingerprint, so "before" re-encoded it: 3 entries, not 2),
+    and the written folder, evaluated on its own, gives the command's numbers."""
+    from embedtune.eval.datasets import load_eval_set
+    from embedtune.eval.retrieval import run_evaluation
+    from embedtune.finetune.pipeline import K_VALUES
+    from embedtune.models import AutoBiEncoder
+
+    tmp, _, result = finished
+    out = tmp / "run"
+    entries = [json.loads(p.read_text()) for p in (tmp / "cache" / "embeddings").glob("*.json")]
+    documents = [e for e in entries if e["kind"] == "document"]
+    assert len(documents) == 2, [(e["corpus"], e["model"][:80]) for e in documents]  # base, fine-tuned
+    assert len({e["corpus"] for e in documents}) == 1
+    tuned = AutoBiEncoder.from_pretrained(str(out / "model"), max_length=32, device="cpu").eval()
+    folder = run_evaluation(
+        tuned, load_eval_set(out / "data" / "heldout", "test"), K_VALUES, cache_dir=tmp / "own_cache"
+    )
+    assert folder.metrics == pytest.approx(result.after, abs=1e-6)
+
+
 def test_heldout_split_shares_no_document_and_no_query_with_training(finished) -> None:
     tmp, _, _ = finished
     out = tmp / "run"
