@@ -12,8 +12,9 @@ import math
 
 import pytest
 import torch
+from _tiny_bert import dropout_bert
 from torch import nn
-from transformers import BertConfig, BertModel
+from transformers import BertModel
 
 from embedtune.models.attention import realised_drop
 from embedtune.models.dropout import CpuDropout, use_cpu_dropout
@@ -85,19 +86,7 @@ def test_where_it_does_not_apply_it_is_nn_dropout(case):
 
 
 def _bert() -> BertModel:
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    return BertModel(cfg)
+    return dropout_bert()
 
 
 def test_swapped_into_a_model_it_replaces_every_dropout_and_keeps_the_weights_and_eval_output(tmp_path):

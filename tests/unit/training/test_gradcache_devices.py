@@ -93,25 +93,14 @@ def test_rand_context_restores_the_outer_state_of_every_device():
 
 # ----------------------------------------------------------------------- real dropout on a real device
 def _tiny_bert(device: str, attn: str = "eager") -> torch.nn.Module:
-    from transformers import BertConfig, BertModel
+    from _tiny_bert import dropout_bert
 
     from embedtune.models.attention import use_blockwise_dropout_attention
     from embedtune.models.dropout import use_cpu_dropout
 
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
-        attn_implementation={"blockwise": "sdpa", "cpu-dropout": "eager"}.get(attn, attn),
-    )
-    torch.manual_seed(0)
     # float64: the comparison then measures the RNG replay, not float32 summation order.
-    model = BertModel(cfg).to(device=device, dtype=torch.float64).train()
+    model = dropout_bert({"blockwise": "sdpa", "cpu-dropout": "eager"}.get(attn, attn))
+    model = model.to(device=device, dtype=torch.float64).train()
     if attn == "blockwise":  # embedtune's CPU dropout attention, which also runs in the no-grad pass
         assert use_blockwise_dropout_attention(model)
     if attn in ("blockwise", "cpu-dropout"):  # and its CPU dropout (hidden states; eager: attention too)
