@@ -113,15 +113,19 @@ def run_finetune(
     *,
     eval_data: Path | None = None,
     heldout_fraction: float | None = None,
+    shared_cache: Path | None = None,
 ) -> tuple[float, float, dict]:
     """`embedtune finetune` as a user runs it; (validate+mine+train seconds, whole wall, after metrics).
 
     With ``heldout_fraction`` it passes no ``--eval``: the command carves that share of ``data`` as its
-    held-out split (the same split for the same data and seed)."""
+    held-out split (the same split for the same data and seed). With ``shared_cache`` every run shares
+    that cache folder (kept), so a run after the first reuses the base model's corpus embeddings: its
+    mining is not a cold start, and its seconds do not compare with a reference's."""
     # A cold start, as a new user's first run: the corpus and embedding caches of an earlier seed would
     # let this one skip mining's corpus encoding (seed 15 of the first 3-seed run did: mining 5 s, not 290).
-    cache = out.parent / f".cache_{out.name}"
-    shutil.rmtree(cache, ignore_errors=True)
+    cache = shared_cache or out.parent / f".cache_{out.name}"
+    if shared_cache is None:
+        shutil.rmtree(cache, ignore_errors=True)
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
