@@ -75,7 +75,8 @@ ATTENTION_DROPOUT_REASON = (
 TWO_EPOCHS_REASON = (
     "2 epochs, not the reference's 3: chosen on a validation split carved from scifact-mini train "
     "(MiniLM, 376 queries, 161 held out; 2 training seeds): NDCG@10 0.7043 vs 0.7008 for 3 epochs "
-    "(+0.0052 and +0.0017) in 2/3 of the training steps (benchmarks/finetune_settings.py)"
+    "(+0.0052 and +0.0017) in 2/3 of the training steps; on one carved from full SciFact train (566 "
+    "queries, 243 held out) 3 - 2 epochs was +0.0030 and -0.0040 (benchmarks/finetune_settings.py)"
 )
 
 #: LoRA runs of at most this many steps take the larger rate measured on short runs (see ``choose_settings``).
