@@ -18,7 +18,7 @@ and p-value (``embedtune compare``'s test).
     .venv/bin/python benchmarks/finetune_settings.py --arm "1 epoch=step_scheduler.num_epochs=1"
     .venv/bin/python benchmarks/finetune_settings.py --no-st --tag seed14 \\
         --arm "default, training seed 14=seed=14" --arm "2 epochs, training seed 14=seed=14,step_scheduler.num_epochs=2"
-    .venv/bin/python benchmarks/finetune_settings.py --data ../shared/data/scifact --no-st --shared-cache \
+    .venv/bin/python benchmarks/finetune_settings.py --data ../shared/data/scifact --no-st --shared-cache \\
         --tag scifact_epochs --arm "2 epochs (default)=" --arm "3 epochs=step_scheduler.num_epochs=3"
 
 A BEIR folder as ``--data`` carves from its train split. ``--shared-cache`` lets arms after the first
